@@ -1,0 +1,14 @@
+"""bionet_fast: the fastest, leanest BiO-Net (MICCAI 2020).
+
+Public API:
+    BiONet, BiONetConfig          the model (reference or fused Triton backend) and its config
+    load_official                 import a checkpoint of the official PyTorch port
+    peak_step_memory              peak bytes of one training step (CUDA allocator, or a CPU count)
+"""
+from .config import BiONetConfig
+from .memory import peak_step_memory
+from .model import BiONet
+from .official import load_official
+
+__all__ = ["BiONet", "BiONetConfig", "load_official", "peak_step_memory"]
+__version__ = "0.1.0"

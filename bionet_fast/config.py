@@ -1,0 +1,111 @@
+"""BiONetConfig: the constructor arguments of BiONet, as a JSON-serialisable dataclass.
+
+A leaf module: it imports nothing of bionet_fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+@dataclass
+class BiONetConfig:
+    """Architecture and execution options of a BiO-Net.
+
+    Architecture (paper notation): ``iterations`` = t, ``multiplier`` = xn, ``depth`` = L,
+    ``backward_skips`` = w (None: every level), ``integrate`` = INT.
+    Execution (not part of the weights): ``checkpoint_iters``, ``checkpoint_segments``,
+    ``checkpoint_stages``, ``backend``.
+    """
+
+    in_channels: int = 3
+    classes: int = 1
+    iterations: int = 3
+    multiplier: float = 1.0
+    depth: int = 4
+    backward_skips: Optional[int] = None
+    integrate: bool = False
+    bn_momentum: float = 0.01
+    bn_eps: float = 1e-5
+    checkpoint_iters: bool = False
+    checkpoint_segments: Optional[int] = None
+    checkpoint_stages: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def channels(self) -> list[int]:
+        """c[i] = int(32 * 2**i * multiplier) for i = 0..depth, as the official code computes it."""
+        return [int(32 * 2**i * self.multiplier) for i in range(self.depth + 1)]
+
+    @property
+    def skips(self) -> int:
+        """The number of backward skip connections, counted from the deepest level."""
+        return self.depth if self.backward_skips is None else self.backward_skips
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this: 2**(depth+1)."""
+        return 2 ** (self.depth + 1)
+
+    def has_backward_skip(self, level: int) -> bool:
+        """Whether encoder level ``level`` (0 = shallowest) concatenates a decoder feature."""
+        return level >= self.depth - self.skips
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and a valid choice."""
+        def bad(msg: str) -> None:
+            raise ValueError(f"invalid BiONetConfig: {msg}")
+
+        for name in ("in_channels", "classes", "iterations", "depth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(f"{name}={value!r}; it must be an integer >= 1")
+        if not (isinstance(self.multiplier, (int, float)) and self.multiplier > 0):
+            bad(f"multiplier={self.multiplier!r}; use a positive number such as 0.25, 0.5, 1.0")
+        if min(self.channels) < 1:
+            bad(f"multiplier={self.multiplier} gives {self.channels[0]} channels at the first level; "
+                f"use multiplier >= {1 / 32}")
+        if self.backward_skips is not None and not 0 <= self.backward_skips <= self.depth:
+            bad(f"backward_skips={self.backward_skips} with depth={self.depth}; use 0..{self.depth} "
+                "or None for a backward skip at every level")
+        if not 0.0 <= self.bn_momentum <= 1.0:
+            bad(f"bn_momentum={self.bn_momentum}; it must lie in [0, 1] (PyTorch convention)")
+        if self.checkpoint_segments is not None and not (
+                isinstance(self.checkpoint_segments, int) and self.checkpoint_segments >= 1):
+            bad(f"checkpoint_segments={self.checkpoint_segments!r}; use an integer >= 1 or None (automatic)")
+        if self.backend not in BACKENDS:
+            bad(f"backend={self.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+    # --- JSON round trip -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BiONetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown BiONetConfig field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, source: str | Path) -> "BiONetConfig":
+        """Read a config from a JSON string or a path to a JSON file."""
+        text = str(source)
+        if not text.lstrip().startswith("{"):
+            text = Path(source).read_text()
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,279 @@
+"""BiONet: the O-shaped recurrence over shared conv weights, with per-iteration BatchNorms.
+
+The network (paper Sec. 2.2, `official-format.md`): a first stage of three conv blocks and a 2x2
+max-pool; `t` iterations of encoder (forward skips kept, backward skips read from the previous
+iteration's decoder), middle and decoder, all reusing one set of conv weights; a last stage of two
+conv blocks and a 1x1 conv that returns logits. Every BatchNorm belongs to one block of one iteration.
+
+The blocks are computed by an `Ops` backend (reference PyTorch or fused Triton), so this module holds
+only the wiring and the parameters; both backends share the same state_dict.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .blocks import no_stats_update
+from .blocks.reference import RefOps
+from .config import BiONetConfig
+
+
+def _conv(cin: int, cout: int, k: int = 3) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, padding=k // 2)
+
+
+def _up(c: int) -> nn.ConvTranspose2d:
+    return nn.ConvTranspose2d(c, c, 3, stride=2, padding=1, output_padding=1)
+
+
+class _Level(nn.Module):
+    """The shared weights of one encoder or decoder level: two convs and the DOWN conv / UP deconv."""
+
+    def __init__(self, cin: int, cmid: int, resample: nn.Module):
+        super().__init__()
+        self.conv1 = _conv(cin, cmid)
+        self.conv2 = _conv(cmid, cmid)
+        self.resample = resample
+
+
+class _Norms(nn.Module):
+    """The BatchNorms of one iteration: three per encoder level, three in the middle, three per
+    decoder level, in block order (conv1, conv2, DOWN/UP)."""
+
+    def __init__(self, cfg: BiONetConfig):
+        super().__init__()
+        c = cfg.channels
+        bn = lambda ch: nn.BatchNorm2d(ch, eps=cfg.bn_eps, momentum=cfg.bn_momentum)  # noqa: E731
+        self.enc = nn.ModuleList(nn.ModuleList([bn(c[l]), bn(c[l]), bn(c[l + 1])]) for l in range(cfg.depth))
+        self.mid = nn.ModuleList([bn(c[-1]), bn(c[-1]), bn(c[-1])])
+        self.dec = nn.ModuleList(nn.ModuleList([bn(c[j]), bn(c[j]), bn(c[j])]) for j in range(cfg.depth))
+
+
+def _recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    # The recomputation in backward must normalise with the same batch statistics but must not
+    # update the running statistics a second time (torch.utils.checkpoint alone would).
+    return contextlib.nullcontext(), no_stats_update()
+
+
+def _checkpointed(fn: Callable, *args: Any) -> Any:
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False,
+                      context_fn=_recompute_contexts)
+
+
+class BiONet(nn.Module):
+    """Bi-directional O-shape network (Xiang et al., MICCAI 2020).
+
+    Args mirror `BiONetConfig`. `forward(x)` maps (B, in_channels, H, W) to logits
+    (B, classes, H, W); H and W must be multiples of 2**(depth+1).
+    """
+
+    def __init__(self, in_channels: int = 3, classes: int = 1, iterations: int = 3,
+                 multiplier: float = 1.0, depth: int = 4, backward_skips: Optional[int] = None,
+                 integrate: bool = False, bn_momentum: float = 0.01, *, bn_eps: float = 1e-5,
+                 checkpoint_iters: bool = False, checkpoint_segments: Optional[int] = None,
+                 checkpoint_stages: bool = False, backend: str = "auto"):
+        super().__init__()
+        cfg = BiONetConfig(in_channels, classes, iterations, multiplier, depth, backward_skips, integrate,
+                           bn_momentum, bn_eps, checkpoint_iters, checkpoint_segments, checkpoint_stages,
+                           backend)
+        self.config = cfg
+        c = cfg.channels
+        bn = lambda ch: nn.BatchNorm2d(ch, eps=cfg.bn_eps, momentum=cfg.bn_momentum)  # noqa: E731
+        self.stem = nn.ModuleList([_conv(in_channels, c[0]), _conv(c[0], c[0]), _conv(c[0], c[0])])
+        self.stem_norms = nn.ModuleList([bn(c[0]) for _ in range(3)])
+        self.encoders = nn.ModuleList(
+            _Level(c[l] * (2 if cfg.has_backward_skip(l) else 1), c[l], _conv(c[l], c[l + 1]))
+            for l in range(depth))
+        self.middle = _Level(c[-1], c[-1], _up(c[-1]))
+        self.decoders = nn.ModuleList(_Level(c[j + 1] + c[j], c[j], _up(c[j])) for j in range(depth))
+        self.norms = nn.ModuleList(_Norms(cfg) for _ in range(iterations))
+        self.head = nn.ModuleList([_conv(c[0] * (iterations if integrate else 1), c[0]),
+                                   _conv(c[0], c[0]), _conv(c[0], classes, k=1)])
+        self.head_norms = nn.ModuleList([bn(c[0]), bn(c[0])])
+        self.reset_parameters()
+
+    # --- construction helpers ---------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: BiONetConfig) -> "BiONet":
+        kw = config.to_dict()
+        return cls(**kw)
+
+    def reset_parameters(self) -> None:
+        """Keras' he_normal for conv kernels (truncated normal, std sqrt(2 / fan_in)), zero biases."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                # Keras computes fan_in from its kernel layout: for a transposed conv that is
+                # 9 * filters (out channels); for a conv 9 * in channels.
+                fan_in = m.weight[0].numel() if isinstance(m, nn.Conv2d) else m.weight.shape[1] * 9
+                std = math.sqrt(2.0 / fan_in) / 0.87962566103423978  # truncation at 2 std shrinks the std
+                nn.init.trunc_normal_(m.weight, 0.0, std, -2 * std, 2 * std)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.config.size_multiple
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm-style switch: checkpoint each recurrent iteration while training with grad enabled."""
+        self.config.checkpoint_iters = bool(enable)
+
+    # --- backend ----------------------------------------------------------------------------
+    def resolved_backend(self, device: torch.device) -> str:
+        """The backend a forward on `device` runs: env BIONET_FAST_BACKEND, else the config;
+        "auto" means triton on CUDA (when triton imports) and the reference elsewhere."""
+        choice = os.environ.get("BIONET_FAST_BACKEND", "").strip().lower() or self.config.backend
+        if choice not in ("auto", "reference", "triton"):
+            raise ValueError(f"BIONET_FAST_BACKEND={choice!r}; use auto, reference or triton")
+        if choice == "auto":
+            choice = "triton" if device.type == "cuda" and _triton_available() else "reference"
+        return choice
+
+    def _ops(self, device: torch.device):
+        if self.resolved_backend(device) == "triton":
+            from .blocks.fused import FusedOps  # imported lazily: it needs triton
+
+            return FusedOps()
+        return RefOps()
+
+    # --- input checks -----------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError, with the fix, unless x is (B, in_channels, H, W) with valid H, W."""
+        cfg = self.config
+        if x.dim() != 4:
+            raise ValueError(f"BiONet expects a 4-D batch (B, C, H, W); got shape {tuple(x.shape)}. "
+                             "Add a batch dimension with x.unsqueeze(0).")
+        if x.shape[1] != cfg.in_channels:
+            raise ValueError(f"BiONet was built with in_channels={cfg.in_channels} but the input has "
+                             f"{x.shape[1]} channels (shape {tuple(x.shape)}). Convert the images "
+                             f"(e.g. gray <-> RGB) or build the model with in_channels={x.shape[1]}.")
+        m = cfg.size_multiple
+        for name, size in (("height", x.shape[2]), ("width", x.shape[3])):
+            if size % m:
+                lo, hi = (size // m) * m, (size // m + 1) * m
+                near = f"{lo} or {hi}" if lo else f"{hi}"
+                raise ValueError(f"input {name} {size} is not divisible by 2**(depth+1) = {m} "
+                                 f"(depth={cfg.depth}); crop or pad to {near}, or use "
+                                 "bionet_fast.sliding_window_inference for images of any size.")
+
+    # --- forward ----------------------------------------------------------------------------
+    def _checkpointing(self) -> bool:
+        return self.config.checkpoint_iters and self.training and torch.is_grad_enabled()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, H, W) -> logits (B, classes, H, W)."""
+        self.check_input(x)
+        ops = self._ops(x.device)
+        stages = self._checkpointing() and self.config.checkpoint_stages
+        x0 = _checkpointed(self._stem, ops, x) if stages else self._stem(ops, x)
+        outs = self._recurrence(ops, x0)
+        return _checkpointed(self._head, ops, *outs) if stages else self._head(ops, *outs)
+
+    def _stem(self, ops, x: torch.Tensor):
+        """First stage: three conv blocks and a 2x2 max-pool: (B, Cin, H, W) -> (B, c0, H/2, W/2)."""
+        h = ops.from_dense(x)
+        h = ops.block([h], self.stem[0], self.stem_norms[0])
+        h = ops.block([h], self.stem[1], self.stem_norms[1])
+        return ops.down(h, self.stem[2], self.stem_norms[2])
+
+    def _head(self, ops, *outs) -> torch.Tensor:
+        """Last stage: conv block(s) on the last iteration's output (or all of them with INT), 1x1 conv."""
+        if len(outs) > 1:  # INT: the iterations' outputs concatenated in iteration order
+            outs = (ops.from_dense(torch.cat([ops.dense(o) for o in outs], dim=1)),)
+        h = ops.block(list(outs), self.head[0], self.head_norms[0])
+        h = ops.block([h], self.head[1], self.head_norms[1])
+        return self.head[2](ops.dense(h))
+
+    def segments(self) -> list[range]:
+        """Iterations grouped for segment checkpointing: only each group's first boundary is kept
+        through the forward. `checkpoint_segments=None` picks ceil(sqrt(t)) groups above t=16 and one
+        group per iteration below (plain per-iteration checkpointing)."""
+        t, n = self.config.iterations, self.config.checkpoint_segments
+        if n is None:
+            n = math.ceil(math.sqrt(t)) if t > 16 else t
+        size = math.ceil(t / min(n, t))
+        return [range(s, min(s + size, t)) for s in range(0, t, size)]
+
+    def _recurrence(self, ops, x0) -> list:
+        """Run the t iterations; returns the outputs the head needs (last one, or all with INT)."""
+        ckpt = self._checkpointing()
+        groups = self.segments() if ckpt else [range(self.config.iterations)]
+        outs, backs = [], None
+        for group in groups:
+            run = lambda x, b, g=group: self._segment(ops, g, ckpt, x, b)  # noqa: E731
+            seg_outs, backs = _checkpointed(run, x0, backs) if ckpt and len(group) > 1 else run(x0, backs)
+            outs.extend(seg_outs)
+        return [o for o in outs if o is not None]
+
+    def _segment(self, ops, group: range, ckpt: bool, x0, backs):
+        outs = []
+        for i in group:
+            step = lambda x, b, i=i: self._iteration(ops, i, x, b)  # noqa: E731
+            out, backs = _checkpointed(step, x0, backs) if ckpt else step(x0, backs)
+            outs.append(out)
+        return outs, backs
+
+    def _iteration(self, ops, i: int, x0, backs: Optional[list]):
+        """One O-shaped pass. x0: first-stage output (B, c0, H/2, W/2); backs: the previous
+        iteration's decoder features, level j at (B, c[j], H/2^(j+1), W/2^(j+1)) (None in iteration 0:
+        the encoders concatenate their input with itself). Returns (output or None, decoder features)."""
+        cfg, norms = self.config, self.norms[i]
+        need_out = cfg.integrate or i == cfg.iterations - 1  # other outputs feed nothing: skip them
+        h, encs = x0, []
+        for l, enc in enumerate(self.encoders):
+            xs = [h, h if backs is None else backs[l]] if cfg.has_backward_skip(l) else [h]
+            e = ops.block(xs, enc.conv1, norms.enc[l][0])
+            e = ops.block([e], enc.conv2, norms.enc[l][1])
+            encs.append(e)
+            h = ops.down(e, enc.resample, norms.enc[l][2])
+        h = ops.block([h], self.middle.conv1, norms.mid[0])
+        h = ops.block([h], self.middle.conv2, norms.mid[1])
+        up = ops.up(h, self.middle.resample, norms.mid[2])
+        decs: list = [None] * cfg.depth
+        for j in reversed(range(cfg.depth)):
+            dec, bn = self.decoders[j], norms.dec[j]
+            d = ops.block([up, encs[j]], dec.conv1, bn[0])
+            decs[j] = d = ops.block([d], dec.conv2, bn[1])
+            up = ops.up(d, dec.resample, bn[2]) if j > 0 or need_out else None
+        # Only the levels with a backward skip read the decoder features: keep just those alive.
+        decs = [d if cfg.has_backward_skip(j) else None for j, d in enumerate(decs)]
+        return up, decs
+
+    # --- inference and persistence ----------------------------------------------------------
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities in eval mode: sigmoid for one class, softmax over dim 1 for more."""
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self(x)
+        finally:
+            self.train(was_training)
+        return torch.sigmoid(logits) if self.config.classes == 1 else torch.softmax(logits, dim=1)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `config.json` and `model.safetensors` into `directory` (atomically)."""
+        from .io import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> "BiONet":
+        """Load a directory written by `save_pretrained` (or by the trainer); overrides win."""
+        from .io import load_pretrained
+
+        return load_pretrained(cls, directory, **overrides)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,34 @@
+"""bionet_fast: a fast, lean BiO-Net (MICCAI 2020) in PyTorch and Triton.
+
+The top-level ``kernels/`` folder installs as ``bionet_fast.kernels``: PyPI's ``kernels``
+package owns the top-level name, and the kernels are an implementation detail of the
+fused blocks, not a library of their own.
+"""
+from setuptools import setup
+
+setup(
+    name="bionet_fast",
+    version="0.1.0",
+    description="BiO-Net (bi-directional O-shape U-Net) with fused Triton kernels and "
+    "activation checkpointing across recurrent iterations",
+    python_requires=">=3.10",
+    packages=["bionet_fast", "bionet_fast.blocks", "bionet_fast.kernels"],
+    package_dir={"bionet_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors",
+        "tqdm",
+        "Pillow",
+        "tifffile",
+        "matplotlib",
+        "PyYAML",
+        "kornia",
+    ],
+    extras_require={
+        # Triton ships with CUDA builds of torch; on the CPU it runs the kernels in its interpreter.
+        "triton": ["triton"],
+        "bench": ["pytest-benchmark", "nvidia-ml-py"],
+        "test": ["pytest", "hypothesis", "triton", "kornia", "pytest-benchmark"],
+    },
+)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import no_stats_update
@@ -63,7 +64,14 @@ def _recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib
 
 
 def _checkpointed(fn: Callable, *args: Any) -> Any:
-    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False,
+    """Non-reentrant checkpoint of fn(*args), where args may nest tensors in lists or tuples.
+
+    The tensors are passed as flat positional arguments: checkpoint hands only those to its parent
+    (a nested checkpoint then drops them) and would keep tensors inside containers alive itself.
+    """
+    leaves, spec = tree_flatten(args)
+    flat = lambda *xs: fn(*tree_unflatten(list(xs), spec))  # noqa: E731
+    return checkpoint(flat, *leaves, use_reentrant=False, preserve_rng_state=False,
                       context_fn=_recompute_contexts)
 
 

@@ -17,3 +17,12 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+try:  # hypothesis: no per-example deadline (the Triton interpreter and a busy CI machine are slow)
+    from hypothesis import settings
+
+    settings.register_profile("bionet", deadline=None, print_blob=True)
+    settings.load_profile("bionet")
+except ImportError:  # pragma: no cover
+    pass

@@ -230,9 +230,18 @@ class BiONet(nn.Module):
     def _iteration(self, ops, i: int, x0, backs: Optional[list]):
         """One O-shaped pass. x0: first-stage output (B, c0, H/2, W/2); backs: the previous
         iteration's decoder features, level j at (B, c[j], H/2^(j+1), W/2^(j+1)) (None in iteration 0:
-        the encoders concatenate their input with itself). Returns (output or None, decoder features)."""
+        the encoders concatenate their input with itself). Returns (output or None, decoder features
+        of the levels with a backward skip, None elsewhere).
+
+        Outputs are unchanged by skipping dead work; the BatchNorms of skipped blocks simply keep
+        their initial state and get no gradient (DDP needs find_unused_parameters for them)."""
         cfg, norms = self.config, self.norms[i]
-        need_out = cfg.integrate or i == cfg.iterations - 1  # other outputs feed nothing: skip them
+        need_out = cfg.integrate or i == cfg.iterations - 1
+        # Without INT a non-final iteration feeds only the backward skips of the next one: decoder
+        # levels above the shallowest skip, and its final UP, are dead; with w=0 all of it is.
+        lowest = 0 if need_out else cfg.depth - cfg.skips
+        if lowest == cfg.depth:
+            return None, [None] * cfg.depth
         h, encs = x0, []
         for l, enc in enumerate(self.encoders):
             xs = [h, h if backs is None else backs[l]] if cfg.has_backward_skip(l) else [h]
@@ -244,13 +253,12 @@ class BiONet(nn.Module):
         h = ops.block([h], self.middle.conv2, norms.mid[1])
         up = ops.up(h, self.middle.resample, norms.mid[2])
         decs: list = [None] * cfg.depth
-        for j in reversed(range(cfg.depth)):
+        for j in range(cfg.depth - 1, lowest - 1, -1):
             dec, bn = self.decoders[j], norms.dec[j]
             d = ops.block([up, encs[j]], dec.conv1, bn[0])
-            decs[j] = d = ops.block([d], dec.conv2, bn[1])
-            up = ops.up(d, dec.resample, bn[2]) if j > 0 or need_out else None
-        # Only the levels with a backward skip read the decoder features: keep just those alive.
-        decs = [d if cfg.has_backward_skip(j) else None for j, d in enumerate(decs)]
+            d = ops.block([d], dec.conv2, bn[1])
+            decs[j] = d if cfg.has_backward_skip(j) else None  # keep alive only what is read
+            up = ops.up(d, dec.resample, bn[2]) if j > lowest or need_out else None
         return up, decs
 
     # --- inference and persistence ----------------------------------------------------------

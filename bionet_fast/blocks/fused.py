@@ -27,8 +27,8 @@ from bionet_fast.kernels.conv_fwd import conv3x3_fwd, pack_weight
 
 from . import stats_update_enabled
 
-# ConvReluFn.backward: torch math (False) or bionet_fast.kernels.conv_bwd (True).
-_TRITON_BWD = os.environ.get("BIONET_FAST_TRITON_BWD", "0") == "1"
+# ConvReluFn.backward: bionet_fast.kernels.conv_bwd (default) or torch math (BIONET_FAST_TRITON_BWD=0).
+_TRITON_BWD = os.environ.get("BIONET_FAST_TRITON_BWD", "1") != "0"
 
 
 def set_triton_backward(enabled: bool) -> None:

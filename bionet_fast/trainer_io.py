@@ -1,0 +1,200 @@
+"""What the trainer writes into its --out folder, and how a run resumes from it.
+
+Layout of a run folder:
+    config.json, model.safetensors   the best model so far (BiONet.from_pretrained(folder) loads it)
+    last.safetensors                 the weights after the last completed save
+    train_args.json                  every option of the run (resume and evaluate read it)
+    training_state.json              epoch, step, best score, scheduler / scaler / RNG states, and the
+    training_state.<step>.safetensors   name of the tensor file beside it: weights, optimizer moments, RNGs
+    metrics.jsonl                    one JSON line per epoch
+    curves.png, samples.png          plots
+
+Every file is written to a temporary name and renamed over the old one (os.replace), so a run
+killed at any moment leaves the previous complete save. The tensor file of a state is written
+first under a new name and the JSON that points at it afterwards, so the pair is always consistent.
+Nothing is pickled: tensors go to safetensors, everything else to JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_JSON = "training_state.json"
+ARGS_JSON = "train_args.json"
+METRICS_JSONL = "metrics.jsonl"
+LAST_WEIGHTS = "last.safetensors"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+# --- atomic writes ------------------------------------------------------------------------------
+def atomic_write(path: str | Path, write) -> Path:
+    """Call write(tmp_path), then os.replace(tmp_path, path): readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    text = json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> Path:
+    """safetensors file of contiguous CPU copies, atomically."""
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+# --- metrics.jsonl --------------------------------------------------------------------------------
+def append_metrics(out: str | Path, record: dict) -> None:
+    """Append one line to metrics.jsonl (rewritten atomically: a kill never leaves half a line)."""
+    path = Path(out) / METRICS_JSONL
+    lines = path.read_text().splitlines() if path.is_file() else []
+    lines.append(json.dumps(record, sort_keys=True, default=_jsonable))
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+
+
+def read_metrics(out: str | Path, up_to_epoch: Optional[int] = None) -> list[dict]:
+    """The records of metrics.jsonl, optionally only those with epoch <= up_to_epoch."""
+    path = Path(out) / METRICS_JSONL
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if up_to_epoch is None or r.get("epoch", 0) <= up_to_epoch]
+
+
+def truncate_metrics(out: str | Path, up_to_epoch: int) -> list[dict]:
+    """Drop the lines of epochs after the resumed state (they are recomputed); returns the rest."""
+    records = read_metrics(out, up_to_epoch)
+    path = Path(out) / METRICS_JSONL
+    if path.is_file():
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return records
+
+
+# --- optimizer state <-> (tensors, JSON) ----------------------------------------------------------
+def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{idx}.{name}"] = value
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            idx, name = key[len("optimizer."):].split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# --- RNG states -----------------------------------------------------------------------------------
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """torch CPU / CUDA, numpy and python `random` states as (tensors, JSON-able dict)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_py = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(internal), gauss_py]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_py = meta["python"]
+    random.setstate((version, tuple(internal), gauss_py))
+
+
+# --- the training state ---------------------------------------------------------------------------
+def save_training_state(out: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler, scaler, progress: dict) -> Path:
+    """Write training_state.<step>.safetensors, then training_state.json pointing at it, then
+    remove older tensor files. `progress`: JSON-able {"epoch", "step_in_epoch", "global_step",
+    "best", ...}; `epoch` counts completed epochs."""
+    out = Path(out)
+    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    rng_tensors, rng_meta = rng_state()
+    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors, **rng_tensors}
+    name = f"training_state.{progress['global_step']}.safetensors"
+    save_tensors(out / name, tensors, {"format": "pt", "library": "bionet_fast"})
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    meta = {"tensors": name, "progress": progress, "optimizer": opt_meta, "scheduler": sched,
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            "rng": rng_meta}
+    write_json(out / STATE_JSON, meta)
+    for old in out.glob("training_state.*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return out / STATE_JSON
+
+
+def has_training_state(out: str | Path) -> bool:
+    return (Path(out) / STATE_JSON).is_file()
+
+
+def load_training_state(out: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler, scaler, restore_rng: bool = True) -> dict:
+    """Restore everything `save_training_state` wrote; returns the progress dict."""
+    out = Path(out)
+    path = out / STATE_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --resume needs the --out folder of an earlier "
+                                "run of python -m bionet_fast.train (it holds training_state.json)")
+    meta = json.loads(path.read_text())
+    tensor_path = out / meta["tensors"]
+    if not tensor_path.is_file():
+        raise FileNotFoundError(f"{tensor_path} (named by {path}) is missing; the run folder is incomplete")
+    tensors = load_file(str(tensor_path))
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer.load_state_dict(_join_optimizer(tensors, meta["optimizer"]))  # moves to the params' device
+    scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    if restore_rng:
+        set_rng_state(tensors, meta["rng"])
+    return meta["progress"]

@@ -28,6 +28,7 @@ def atomic_write(path: str | Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; saved models are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -17,6 +17,8 @@ from . import stats_update_enabled
 def batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     """nn.BatchNorm2d's forward, except that running statistics are left alone while
     `no_stats_update()` is active (train mode still normalises with batch statistics)."""
+    if isinstance(bn, nn.SyncBatchNorm) and bn.training and stats_update_enabled():
+        return bn(x)  # DDP --sync-bn: statistics reduced across processes by the module itself
     if bn.training:
         if stats_update_enabled():
             bn.num_batches_tracked.add_(1)

@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from .config import BiONetConfig
 
 CONFIG_NAME = "config.json"
+_UMASK = os.umask(0)  # read the process umask once (os.umask can only be read by setting it)
+os.umask(_UMASK)
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -27,8 +29,8 @@ def atomic_write(path: str | Path, write) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; saved models are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,30 +26,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .io import atomic_write
+
 STATE_JSON = "training_state.json"
 ARGS_JSON = "train_args.json"
 METRICS_JSONL = "metrics.jsonl"
 LAST_WEIGHTS = "last.safetensors"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 # --- atomic writes ------------------------------------------------------------------------------
-def atomic_write(path: str | Path, write) -> Path:
-    """Call write(tmp_path), then os.replace(tmp_path, path): readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+# atomic_write comes from bionet_fast.io: one implementation (write tmp, os.replace) for the package.
 
 
 def write_json(path: str | Path, data: Any) -> Path:

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import _bwd_utils as U
+from ._utils import round_to
 
 Tensor = torch.Tensor
 
@@ -118,10 +119,10 @@ def _dgrad_kernel(dy_ptr, y_ptr, w_ptr, x1_ptr, x2_ptr, s1_ptr, s2_ptr,
             s += tl.where(in2, 1.0, 0.0)
     dx = acc * s[None, :]
     q1 = b[:, None] * sd1_b + n[None, :] * sd1_c + (h * sd1_h + w * sd1_w)[:, None]
-    tl.store(dx1_ptr + q1, dx.to(dx1_ptr.dtype.element_ty), mask=m1)
+    tl.store(dx1_ptr + q1, round_to(dx, dx1_ptr.dtype.element_ty, UPCAST), mask=m1)
     if HAS_X2:
         q2 = b[:, None] * sd2_b + n2[None, :] * sd2_c + (h * sd2_h + w * sd2_w)[:, None]
-        tl.store(dx2_ptr + q2, dx.to(dx2_ptr.dtype.element_ty), mask=m2)
+        tl.store(dx2_ptr + q2, round_to(dx, dx2_ptr.dtype.element_ty, UPCAST), mask=m2)
     # Rows past M hold zeros (dz and x were masked), so whole-tile sums are exact partials.
     tl.store(ds_part_ptr + pid_m * C_IN + n, tl.sum(acc * x, axis=0), mask=n_ok)
     tl.store(db_part_ptr + pid_m * C_IN + n, tl.sum(acc, axis=0), mask=n_ok)
@@ -198,7 +199,7 @@ def _wgrad_kernel(dy_ptr, y_ptr, x1_ptr, x2_ptr, s1_ptr, b1_ptr, s2_ptr, b2_ptr,
             xa += tl.load(x2_ptr + o2[:, None] + ci2[None, :] * sx2_c,
                           mask=ok[:, None] & in2[None, :], other=0.0).to(ACC)
         a = tl.where(ok[:, None] & ci_ok[None, :], xa * sc[None, :] + sh[None, :], 0.0)
-        acc = _mma(tl.trans(dz), a.to(dz.dtype), acc, DOT_PREC, UPCAST)
+        acc = _mma(tl.trans(dz), round_to(a, dz.dtype, UPCAST), acc, DOT_PREC, UPCAST)
         if pid_n == 0:  # one column of programs also reduces dbias from the same dz tiles
             dbias += tl.sum(dz.to(ACC), axis=0)
 

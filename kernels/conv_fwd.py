@@ -34,8 +34,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (acc_dtype, check_activation, check_channel_vector, dot_precision,
-                     dot_upcast,
-                     is_interpreter, stats_dtype)
+                     dot_upcast, is_interpreter, round_to, stats_dtype)
 from .bn_stats import merge_partials
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). `_prune` clamps BLOCK_N / BLOCK_K to the
@@ -168,7 +167,8 @@ def _conv3x3_fwd_jit(
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(ACC)[None, :]
     acc = tl.maximum(acc, 0.0)
     y_ptrs = y_ptr + (b * sy_b + oh * sy_h + ow * sy_w)[:, None] + (offs_n * sy_c)[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(y_ptrs, round_to(acc, y_ptr.dtype.element_ty, UPCAST),
+             mask=m_mask[:, None] & n_mask[None, :])
 
     if WANT_STATS:
         # Two-pass within the tile (mean, then squared deviations): no raw sum of squares.
@@ -206,7 +206,7 @@ def pack_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @triton.jit
 def _fold_kernel(w_ptr, s1_ptr, b1_ptr, s2_ptr, b2_ptr, wp_ptr, bt_ptr, C1, CIN, COUT,
                  AFF1: tl.constexpr, AFF2: tl.constexpr, ACC: tl.constexpr, HI: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+                 EMULATE_RNE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (tap, Cout block): wp[tap, c, n] = w[tap, c, n] * s[c] and Bt[tap, n] = sum_c w*b,
     stored as hi (row tap) + lo (row 9 + tap) in wp's dtype. w is the packed (9, CIN, COUT)
     weight (any float dtype), so every load is coalesced along COUT."""
@@ -230,7 +230,7 @@ def _fold_kernel(w_ptr, s1_ptr, b1_ptr, s2_ptr, b2_ptr, wp_ptr, bt_ptr, C1, CIN,
             sc = tl.where(first, sc, tl.load(s2_ptr + offs_c - C1, mask=(~first) & c_mask, other=1.0))
             sh = tl.where(first, sh, tl.load(b2_ptr + offs_c - C1, mask=(~first) & c_mask, other=0.0))
         tl.store(wp_ptr + (tap * CIN + offs_c)[:, None] * COUT + offs_n[None, :],
-                 (w * sc[:, None]).to(wp_ptr.dtype.element_ty), mask=mask)
+                 round_to(w * sc[:, None], wp_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
         bt += tl.sum(w * sh[:, None], axis=0)
     hi = bt.to(HI).to(wp_ptr.dtype.element_ty)
     lo = (bt - hi.to(bt.dtype)).to(wp_ptr.dtype.element_ty)
@@ -256,7 +256,8 @@ def fold_affine(packed: torch.Tensor, dtype: torch.dtype, c1: int, s1=None, b1=N
     _fold_kernel[(9, triton.cdiv(cout, block_n))](
         packed, s1 if s1 is not None else dummy, b1 if b1 is not None else dummy,
         s2 if s2 is not None else dummy, b2 if b2 is not None else dummy, wp, bt, c1, cin, cout,
-        AFF1=s1 is not None, AFF2=s2 is not None, ACC=acc_dtype(dtype), HI=hi, BLOCK_C=32,
+        AFF1=s1 is not None, AFF2=s2 is not None, ACC=acc_dtype(dtype), HI=hi,
+        EMULATE_RNE=dot_upcast(dtype), BLOCK_C=32,
         BLOCK_N=block_n)
     return wp, bt
 

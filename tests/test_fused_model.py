@@ -58,10 +58,9 @@ def test_float32_forward_matches_reference_to_its_own_rounding():
 
 
 def test_bfloat16_autocast_forward():
-    """bf16 against the fp32 reference. The fused path keeps pre-BatchNorm activations in bf16 and
-    applies the BatchNorm affine on load; raw * scale - mean * scale cancels, so its bf16 error is a
-    few times the reference's (which rounds the normalised value). Measured here: fused 5.5e-2,
-    reference 1.1e-2. The issue's 2e-2 target is not met yet: see issue 5's note."""
+    """bf16 autocast against the fp32 reference: within the issue's 2e-2, and no more than 1.5x the
+    bf16 reference's own error (measured: fused 1.4e-2, reference 1.1e-2). The interpreter's
+    fp32 -> bf16 cast truncates; the kernels round to nearest even as the GPU does (round_to)."""
     ref, fused = pair(iterations=2, multiplier=0.25, depth=2, in_channels=1, classes=2)
     x = torch.randn(1, 1, 16, 16)
     ref.eval(), fused.eval()
@@ -69,7 +68,27 @@ def test_bfloat16_autocast_forward():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, ref_bf16 = fused(x), ref(x)
     assert got.dtype == torch.bfloat16
-    assert rel(got.float(), want) <= max(2e-2, 6 * rel(ref_bf16.float(), want))
+    assert rel(got.float(), want) <= 2e-2
+    assert rel(got.float(), want) <= 1.5 * rel(ref_bf16.float(), want)
+
+
+def test_bfloat16_train_forward_and_running_stats():
+    """Train mode in bf16: batch statistics from the fp32 accumulator, running stats in fp32."""
+    ref, fused = pair(iterations=2, multiplier=0.25, depth=2, integrate=True)
+    exact = copy.deepcopy(ref).double()
+    x = torch.randn(2, 3, 16, 24)
+    want = exact(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, ref_bf16 = fused(x), ref(x)
+    assert rel(got.float(), want) <= max(2e-2, 1.5 * rel(ref_bf16.float(), want))
+    worst = {"fused": 0.0, "reference": 0.0}
+    for (k, a), (_, b), (_, r) in zip(exact.named_buffers(), fused.named_buffers(), ref.named_buffers()):
+        if a.dtype.is_floating_point:
+            worst["fused"] = max(worst["fused"], rel(b, a))
+            worst["reference"] = max(worst["reference"], rel(r, a))
+        else:
+            assert torch.equal(a, b), k
+    assert worst["fused"] <= max(2e-2, 1.5 * worst["reference"]), worst
 
 
 @pytest.mark.parametrize("kw", [dict(integrate=True), dict(backward_skips=1)], ids=["INT", "w1"])

@@ -1,4 +1,4 @@
-"""Image and mask reading, dataset-layout discovery and the training/validation Dataset.
+"""Dataset-layout discovery (pairing images with masks) and the training/validation Dataset.
 
 Layouts (``fmt``), checked and paired before any training starts:
 
@@ -19,11 +19,9 @@ Layouts (``fmt``), checked and paired before any training starts:
   first TIFF has several pages); top-level TIFFs with a label name: tiff-stack; other top-level
   images: images (only where masks are not required).
 
-Masks: foreground = value > 0 (0/255, 0/1 and label maps alike; for EM membrane stacks the
-foreground is whatever is non-zero), RGB masks: any colour channel > 0, alpha ignored; JPEG
-masks (lossy) are thresholded at half the range instead.
+Reading and decoding the files (and what a mask's foreground is) is :mod:`bionet_fast.readers`.
 
-A leaf module: it imports nothing of bionet_fast.
+A leaf of the package: it imports only bionet_fast.readers (the rest of the data layer).
 """
 from __future__ import annotations
 
@@ -33,20 +31,17 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import tifffile
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ["Sample", "read_image", "read_mask", "read_stack", "to_float", "discover",
-           "detect_format", "binarize", "match_channels", "degrade_bicubic", "SegmentationDataset",
-           "FORMATS", "LAYOUTS"]
+from .readers import (IMAGE_EXTS, TIFF_EXTS, binarize, count_pages, match_channels, read_image, read_mask,
+                      read_stack, to_float)
+
+__all__ = ["Sample", "discover", "detect_format", "degrade_bicubic", "SegmentationDataset", "FORMATS", "LAYOUTS"]
 
 FORMATS = ("auto", "folder", "tnbc", "tiff-stack", "images")
 TASKS = ("segmentation", "super-resolution")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-TIFF_EXTS = (".tif", ".tiff")
 PAIR_DIRS = (("x", "y"), ("images", "masks"), ("images", "labels"))
 LABEL_WORDS = {"label", "labels", "mask", "masks", "membrane", "membranes", "gt", "groundtruth"}
 IMAGE_WORDS = {"image", "images", "img", "imgs", "volume", "raw"}
@@ -57,7 +52,6 @@ LAYOUTS = """expected one of these layouts:
   tiff-stack: ROOT/NAME_image.tif + ROOT/NAME_label.tif multi-page stacks (also *mask*, *membrane*, *gt*;
               train-volume.tif + train-labels.tif), or ROOT/x/NAME.tif + ROOT/y/NAME.tif stacks
   images:     ROOT/*.png without masks (prediction and super-resolution only)"""
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 @dataclass(frozen=True)
@@ -72,108 +66,6 @@ class Sample:
     def name(self) -> str:
         """File stem, plus ``[page]`` for a stack slice."""
         return self.image.stem + ("" if self.index is None else f"[{self.index}]")
-
-
-# ----------------------------------------------------------------------------- reading
-def read_image(path) -> np.ndarray:
-    """Read a PNG/JPEG/BMP (Pillow) or single-page TIFF (tifffile) as (H, W, C), dtype as stored
-    (uint8, uint16, float32...). Palette images become RGB(A), 1-bit images 0/255."""
-    return _single_page(_read(Path(path), keep_palette=False), path)
-
-
-def read_stack(path, page: Optional[int] = None) -> np.ndarray:
-    """Read every page of a (multi-page) TIFF as (N, H, W, C), or only ``page`` as (1, H, W, C)."""
-    return _read(Path(path), keep_palette=True, page=page)
-
-
-def read_mask(path) -> np.ndarray:
-    """Read a mask as uint8 (H, W) in {0, 1}: foreground = label > 0 (see module docstring)."""
-    path = Path(path)
-    arr = _single_page(_read(path, keep_palette=True), path)
-    return binarize(arr, lossy=path.suffix.lower() in (".jpg", ".jpeg"))
-
-
-def _single_page(arr: np.ndarray, path) -> np.ndarray:
-    if arr.shape[0] != 1:
-        raise ValueError(f"{path} is a multi-page TIFF stack of {arr.shape[0]} pages: "
-                         "use the tiff-stack layout (--format tiff-stack)")
-    return arr[0]
-
-
-def binarize(mask: np.ndarray, lossy: bool = False) -> np.ndarray:
-    """(..., H, W, C) mask -> uint8 (..., H, W) in {0, 1}; alpha dropped, any channel counts."""
-    if mask.shape[-1] in (2, 4):
-        mask = mask[..., :-1]
-    thresh = 0
-    if lossy and np.issubdtype(mask.dtype, np.integer):
-        thresh = np.iinfo(mask.dtype).max // 2
-    return (mask > thresh).any(-1).astype(np.uint8)
-
-
-def to_float(img: np.ndarray) -> np.ndarray:
-    """Scale to float32 in [0, 1]: uint8 / 255, uint16 / 65535, bool as is, other integer types
-    by the image maximum; float images are clipped, or divided by their maximum if it exceeds 1."""
-    if img.dtype == np.uint8 or img.dtype == np.uint16:
-        return img.astype(np.float32) / np.float32(np.iinfo(img.dtype).max)
-    out = np.nan_to_num(img.astype(np.float32))
-    if img.dtype != np.bool_ and (np.issubdtype(img.dtype, np.integer) or out.max(initial=0) > 1):
-        out /= max(float(out.max(initial=0)), 1e-12)
-    return np.clip(out, 0.0, 1.0)
-
-
-def _read(path: Path, keep_palette: bool, page: Optional[int] = None) -> np.ndarray:
-    """Any supported file -> (pages, H, W, C); unreadable -> ValueError naming the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
-    try:
-        tiff = path.suffix.lower() in TIFF_EXTS
-        arr = _read_tiff(path, page) if tiff else _read_pil(path, keep_palette)
-    except Exception as exc:  # decoders raise many types (OSError, ValueError, struct.error...)
-        raise ValueError(f"{path}: unreadable image ({type(exc).__name__}: {exc}); "
-                         "expected a PNG, JPEG, BMP or TIFF file") from exc
-    if arr.ndim != 4 or arr.shape[1] == 0 or arr.shape[2] == 0:
-        raise ValueError(f"{path}: unreadable image (unexpected shape {arr.shape})")
-    return arr
-
-
-def _read_pil(path: Path, keep_palette: bool) -> np.ndarray:
-    with Image.open(path) as im:
-        if im.mode == "1":
-            im = im.convert("L")
-        elif im.mode in ("P", "PA") and not keep_palette:
-            im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
-        elif im.mode in ("P", "PA"):
-            im = im.getchannel(0)  # palette indices are the labels
-        elif im.mode not in ("L", "LA", "RGB", "RGBA", "F") and not im.mode.startswith("I"):
-            im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV
-        arr = np.array(im)  # a writable copy
-    if arr.dtype == np.int32 and arr.size and 0 <= arr.min() and arr.max() <= 65535:
-        arr = arr.astype(np.uint16)  # 16-bit PNGs may open in Pillow's 32-bit "I" mode
-    return arr.reshape(1, *arr.shape[:2], -1)
-
-
-def _read_tiff(path: Path, page: Optional[int] = None) -> np.ndarray:
-    with tifffile.TiffFile(path) as tif:
-        axes = tif.series[0].axes
-        if page is None:
-            arr = tif.series[0].asarray()
-        else:  # one plane only: its axes are the series' trailing ones
-            arr = tif.asarray(key=page)
-            axes = axes[-arr.ndim:]
-    if "S" in axes:  # samples (colour channels), possibly planar
-        arr = np.moveaxis(arr, axes.index("S"), -1)
-        return arr.reshape(-1, *arr.shape[-3:])
-    return arr.reshape(-1, *arr.shape[-2:], 1)
-
-
-def _count_pages(path: Path) -> int:
-    """Number of image planes in a TIFF (without decoding them)."""
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            return int(np.prod([n for n, a in zip(series.shape, series.axes) if a not in "YXS"]))
-    except Exception as exc:
-        raise ValueError(f"{path}: unreadable TIFF stack ({type(exc).__name__}: {exc})") from exc
 
 
 # --------------------------------------------------------------------------- discovery
@@ -209,7 +101,7 @@ def detect_format(root, require_masks: bool = True) -> str:
     for img_dir, _ in PAIR_DIRS:  # a missing mask folder is reported by the finder
         if (root / img_dir).is_dir():
             tiffs = [p for p in _list_images(root / img_dir) if p.suffix.lower() in TIFF_EXTS]
-            return "tiff-stack" if tiffs and _count_pages(tiffs[0]) > 1 else "folder"
+            return "tiff-stack" if tiffs and count_pages(tiffs[0]) > 1 else "folder"
     if any(_is_label_name(p) for p in _list_images(root, TIFF_EXTS)):
         return "tiff-stack"
     if _list_images(root) and not require_masks:
@@ -309,10 +201,10 @@ def _find_stacks(root: Path, require_masks: bool) -> list[Sample]:
         pairs = _pair_top_level_stacks(root, require_masks)
     samples = []
     for pair in pairs:
-        n = _count_pages(pair.image)
-        if pair.mask is not None and _count_pages(pair.mask) != n:
+        n = count_pages(pair.image)
+        if pair.mask is not None and count_pages(pair.mask) != n:
             raise ValueError(f"image stack {pair.image} has {n} pages but label stack {pair.mask} "
-                             f"has {_count_pages(pair.mask)} (tiff-stack layout)")
+                             f"has {count_pages(pair.mask)} (tiff-stack layout)")
         samples += [Sample(pair.image, pair.mask, k) for k in range(n)]
     return samples
 
@@ -349,21 +241,6 @@ def degrade_bicubic(hr: torch.Tensor, scale: int) -> torch.Tensor:
     up = F.interpolate(low, size=shape[-2:], mode="bicubic", align_corners=False)
     return up.clamp_(0.0, 1.0).reshape(shape)
 
-
-def match_channels(img: np.ndarray, in_channels: int, path) -> np.ndarray:
-    """(H, W, C) float -> (H, W, in_channels): alpha dropped, gray repeated to 3, RGB to gray by
-    luminance (ITU-R 601); any other mismatch is a ValueError naming the fix."""
-    c = img.shape[-1]
-    if c in (2, 4) and in_channels != c:
-        img, c = img[..., :-1], c - 1
-    if c == in_channels:
-        return img
-    if c == 1 and in_channels == 3:
-        return np.repeat(img, 3, axis=-1)
-    if c == 3 and in_channels == 1:
-        return (img @ _LUMA)[..., None]
-    raise ValueError(f"{path} has {img.shape[-1]} channels but the model takes {in_channels}; "
-                     f"pass --in-channels {c}")
 
 
 def _tiles(length: int, size: int) -> list[int]:

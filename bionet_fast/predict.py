@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .evaluate import infer, load_checkpoint, pick_device
+from .readers import IMAGE_EXTS, TIFF_EXTS, match_channels, read_image, read_stack, to_float
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def _safe(name: str) -> str:
@@ -78,9 +78,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 def _read_pages(path: Path, in_channels: int) -> list[torch.Tensor]:
     """Every page of an image file as float (C, H, W) in [0, 1] with the model's channel count."""
-    from .data import match_channels, read_stack, to_float, read_image
-
-    pages = read_stack(path) if path.suffix.lower() in (".tif", ".tiff") else read_image(path)[None]
+    pages = read_stack(path) if path.suffix.lower() in TIFF_EXTS else read_image(path)[None]
     return [torch.from_numpy(np.ascontiguousarray(match_channels(to_float(p), in_channels, path)
                                                   .transpose(2, 0, 1))) for p in pages]
 

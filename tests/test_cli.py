@@ -206,7 +206,7 @@ def test_precise_bn_sets_population_statistics(tmp_path):
     """With --precise-bn covering the whole (4-image) training set in one batch, the saved running
     statistics are exactly the statistics of that batch under the final weights."""
     from bionet_fast.synthetic import SyntheticNucleiDataset
-    from bionet_fast.train import SyntheticCrops
+    from bionet_fast.train_data import SyntheticCrops
 
     out = tmp_path / "run"
     assert train(TINY + ["--image-size", "32", "--n-train", "4", "--n-val", "2", "--precise-bn", "4",

@@ -1,0 +1,269 @@
+"""One training run of a BiO-Net: the loss, the (torchrun) distributed setup and the Trainer (model,
+Adam with Keras-style LR decay, AMP, DDP, augmentation, precise BatchNorm, validation, saving and
+resuming). The command line around it is :mod:`bionet_fast.train`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from bionet_fast import BiONet
+
+from . import trainer_io as tio
+from .evaluate import evaluate_loader, pick_device
+from .plots import plot_curves, plot_samples
+from .train_data import EpochSampler, mix_seed, set_dataset_epoch
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite (on any rank): training stops."""
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
+    """BCE with logits (one class), cross-entropy on label maps (several), MSE (super-resolution)."""
+    logits = logits.float()
+    if task == "super-resolution":
+        return F.mse_loss(logits, target)
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits, target)
+    return F.cross_entropy(logits, target[:, 0].long())
+
+
+def setup_distributed(args) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment (1 process without it); joins the
+    process group (NCCL on CUDA, gloo on the CPU) when there are several."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+class Trainer:
+    """One training run: model, optimizer, Keras-style LR decay, AMP, DDP, validation, saves."""
+
+    def __init__(self, args, rank: int, world: int, device: torch.device, train: Dataset, val: Dataset):
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+        self.out, self.train, self.main = Path(args.out), train, rank == 0
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed % 2**32)
+        self.model = BiONet(args.in_channels, args.classes, args.t, args.multiplier, args.depth,
+                            args.backward_skips, args.integrate, args.bn_momentum,
+                            checkpoint_iters=args.checkpoint_iters, backend=args.backend).to(device)
+        self.sync_calls = None
+        if args.sync_bn and world > 1:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            # The blocks may call F.batch_norm with a BatchNorm's parameters rather than the module:
+            # count the module calls to tell the user if the statistics are really synchronised.
+            self.sync_calls = [0]
+            sync = next(m for m in self.model.modules() if isinstance(m, torch.nn.SyncBatchNorm))
+            sync.register_forward_hook(lambda *_: self.sync_calls.__setitem__(0, self.sync_calls[0] + 1))
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr)
+        decay = args.lr_decay
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: 1.0 / (1.0 + decay * step))
+        fp16 = args.amp and args.amp_dtype == "float16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16 and device.type == "cuda")
+        self.autocast = lambda: torch.autocast(device.type, dtype=getattr(torch, args.amp_dtype),
+                                               enabled=args.amp)
+        self.net = torch.compile(self.model) if args.compile else self.model
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            # static_graph: the same parameters are used every step, but not all of them (without INT,
+            # the last UP BatchNorm of the non-final iterations feeds nothing).
+            self.net = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids, static_graph=True)
+        self.augment = None
+        if not args.no_augment:
+            try:
+                from .augment import Augment
+            except ImportError as err:  # kornia missing
+                raise ValueError(f"the augmentation needs kornia ({err}): pip install kornia, or pass "
+                                 "--no-augment") from err
+            self.augment = Augment(mask_mode="bilinear" if args.task == "super-resolution" else "nearest")
+        self.sampler = EpochSampler(len(train), args.steps * args.batch_size, args.seed, rank, world)
+        shard = Subset(val, list(range(rank, len(val), world))) if world > 1 else val
+        same = len({tuple(val[i][0].shape) for i in range(min(len(val), 16))}) == 1
+        base = val.dataset if isinstance(val, Subset) else val
+        self.rand = getattr(base, "fmt", None) == "tiff-stack" and args.task == "segmentation"  # EM stacks
+        self.val_loader = DataLoader(shard, batch_size=args.batch_size if same else 1,
+                                     num_workers=min(args.workers, 2))
+        self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None,
+                         "loss_sum": 0.0, "loss_count": 0}
+        self.records: list[dict] = []
+        self.last_save = time.monotonic()
+        self.saved: dict | None = None  # the progress of the last save
+
+    # -- persistence --
+    def resume(self) -> None:
+        self.progress = tio.load_training_state(self.out, self.model, self.opt, self.sched, self.scaler)
+        self.saved = dict(self.progress)
+        self.records = tio.truncate_metrics(self.out, self.progress["epoch"]) if self.main else []
+
+    def save(self, best: bool = False) -> None:
+        if not self.main:
+            return
+        tio.save_tensors(self.out / tio.LAST_WEIGHTS, self.model.state_dict(), {"format": "pt"})
+        if best:
+            self.model.save_pretrained(self.out)
+        tio.save_training_state(self.out, self.model, self.opt, self.sched, self.scaler, self.progress)
+        self.last_save = time.monotonic()
+        self.saved = dict(self.progress)
+
+    # -- one step --
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int) -> float:
+        a, p = self.args, self.progress
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.augment is not None:
+            gen = torch.Generator().manual_seed(mix_seed(a.seed, epoch, step, self.rank))
+            x, y = self.augment(x, y, generator=gen)
+        if a.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            logits = self.net(x)
+        loss = loss_fn(logits, y, a.task)
+        if a.debug_nan_at_step is not None and p["global_step"] == a.debug_nan_at_step:
+            loss = loss * float("nan")
+        check = loss.detach().clone()
+        if self.world > 1:
+            dist.all_reduce(check)  # every rank stops together
+        value = float(check) / self.world
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} "
+                                f"(global step {p['global_step'] + 1})")
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return value
+
+    def epoch(self, epoch: int) -> None:
+        a, p = self.args, self.progress
+        skip = p["step_in_epoch"]
+        set_dataset_epoch(self.train, epoch)
+        self.sampler.set_epoch(epoch, skip * a.batch_size)
+        loader = DataLoader(self.train, batch_size=a.batch_size, sampler=self.sampler, drop_last=True,
+                            num_workers=a.workers, pin_memory=self.device.type == "cuda")
+        self.model.train()
+        bar = tqdm(total=a.steps, initial=skip, desc=f"epoch {epoch + 1}/{a.epochs}", unit="step",
+                   disable=a.quiet or not self.main, dynamic_ncols=True, leave=False)
+        start = time.perf_counter()
+        for step, (x, y) in enumerate(loader, start=skip):
+            value = self.step(x, y, epoch, step)
+            if self.sync_calls == [0] and self.main:
+                print("warning: --sync-bn has no effect: this backend normalises without calling the "
+                      "SyncBatchNorm modules", file=sys.stderr)
+                self.sync_calls = None
+            p["global_step"] += 1
+            p["step_in_epoch"] = step + 1
+            p["loss_sum"] += value
+            p["loss_count"] += 1
+            rate = (step + 1 - skip) * a.batch_size * self.world / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{p['loss_sum'] / p['loss_count']:.4f}", img_s=f"{rate:.1f}", refresh=False)
+            bar.update()
+            if a.debug_exit_at_step is not None and p["global_step"] == a.debug_exit_at_step:
+                raise KeyboardInterrupt("--debug-exit-at-step")
+            every = a.save_every_steps and p["global_step"] % a.save_every_steps == 0
+            if every or time.monotonic() - self.last_save > 60 * a.save_every_minutes:
+                self.save()
+        bar.close()
+        self.epoch_time = time.perf_counter() - start
+        self.images_per_s = (a.steps - skip) * a.batch_size * self.world / max(self.epoch_time, 1e-9)
+
+    @torch.no_grad()
+    def recalibrate_bn(self, epoch: int) -> None:
+        """Precise BatchNorm: set the running statistics to the population statistics of
+        `--precise-bn` training images (no augmentation), in batches of up to 16, under the current
+        weights. The running averages of training lag behind weights that change quickly, and with
+        the paper's batch of 2 they average small-batch variances, which miss the differences
+        between images (staining): eval-mode predictions then fall far below train-mode ones."""
+        a = self.args
+        if not a.precise_bn:
+            return
+        bns = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+        batch = min(a.precise_bn, 16)
+        sampler = EpochSampler(len(self.train), math.ceil(a.precise_bn / batch) * batch,
+                               mix_seed(a.seed, epoch, 1), self.rank, self.world)
+        loader = DataLoader(self.train, batch_size=batch, sampler=sampler, num_workers=a.workers)
+        self.model.train()
+        for k, (x, _) in enumerate(loader, start=1):
+            for m in bns:
+                m.momentum = 1.0 / k  # running = mean of the k batch statistics so far
+            x = x.to(self.device)
+            with self.autocast():
+                self.model(x.contiguous(memory_format=torch.channels_last) if a.channels_last else x)
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+
+    @torch.no_grad()
+    def validate(self) -> tuple[dict, list]:
+        a = self.args
+        if self.world > 1:  # evaluate every shard with rank 0's BatchNorm statistics
+            for buf in self.model.buffers():
+                dist.broadcast(buf, 0)
+        meters, loss_sum, n, kept = evaluate_loader(
+            self.model, self.val_loader, a.task, self.device, a.tile_size or a.image_size or 512,
+            keep=4 if self.main else 0,
+            rand=self.rand, autocast=self.autocast())
+        states = [torch.from_numpy(np.append(m.state(), [loss_sum, n])) for m in meters]
+        if self.world > 1:
+            for s in states:
+                dist.all_reduce(s)
+        result = {}
+        for meter, s in reversed(list(zip(meters, states))):
+            result.update(meter.compute(s[:-2].numpy()))
+        result["val_loss"] = float(states[0][-2] / max(float(states[0][-1]), 1))
+        return result, kept
+
+    def fit(self) -> int:
+        a, p = self.args, self.progress
+        key = "psnr" if a.task == "super-resolution" else "iou"
+        for epoch in range(p["epoch"], a.epochs):
+            self.epoch(epoch)
+            self.recalibrate_bn(epoch)
+            metrics, kept = self.validate()
+            record = {"epoch": epoch + 1, "global_step": p["global_step"],
+                      "train_loss": p["loss_sum"] / max(p["loss_count"], 1), **metrics,
+                      "lr": self.sched.get_last_lr()[0], "epoch_time_s": round(self.epoch_time, 3),
+                      "images_per_s": round(self.images_per_s, 2)}
+            best = p["best"] is None or metrics[key] > p["best"]
+            if best:
+                p["best"], p["best_epoch"] = metrics[key], epoch + 1
+            p.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, loss_count=0)
+            if self.main:
+                self.records.append(record)
+                tio.append_metrics(self.out, record)
+                self.save(best=best)
+                plot_curves(self.records, self.out / "curves.png", a.task)
+                if kept:
+                    plot_samples(*(torch.stack(z) for z in zip(*kept)), self.out / "samples.png", a.task)
+                print(_epoch_line(record, a.task, best), flush=True)
+        return 0
+
+
+def _epoch_line(r: dict, task: str, best: bool) -> str:
+    if task == "super-resolution":
+        scores = f"PSNR {r['psnr']:.2f} dB (bicubic {r['psnr_bicubic']:.2f})"
+    else:
+        scores = f"Dice {r['dice']:.4f}  IoU {r['iou']:.4f}" + (f"  Rand F {r['rand_f']:.4f}" if "rand_f" in r else "")
+    return (f"epoch {r['epoch']}: train loss {r['train_loss']:.4f}  val loss {r['val_loss']:.4f}  {scores}  "
+            f"({r['epoch_time_s']:.0f} s, {r['images_per_s']:.0f} img/s){'  * best' if best else ''}")

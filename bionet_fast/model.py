@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import no_stats_update
+from .blocks.inference_cache import InferenceCache
 from .blocks.reference import RefOps
 from .config import BiONetConfig
 
@@ -105,6 +106,8 @@ class BiONet(nn.Module):
         self.head = nn.ModuleList([_conv(c[0] * (iterations if integrate else 1), c[0]),
                                    _conv(c[0], c[0]), _conv(c[0], classes, k=1)])
         self.head_norms = nn.ModuleList([bn(c[0]), bn(c[0])])
+        # fused backend, eval without grad: BatchNorm affines and folded weights kept across calls
+        self.inference_cache = InferenceCache()
         self.reset_parameters()
 
     # --- construction helpers ---------------------------------------------------------------
@@ -147,8 +150,17 @@ class BiONet(nn.Module):
         if self.resolved_backend(device) == "triton":
             from .blocks.fused import FusedOps  # imported lazily: it needs triton
 
-            return FusedOps()
+            inference = not self.training and not torch.is_grad_enabled()
+            return FusedOps(self.inference_cache if inference else None)
         return RefOps()
+
+    def train(self, mode: bool = True) -> "BiONet":
+        self.inference_cache.clear()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(): new tensors, drop the old
+        self.inference_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     # --- input checks -----------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
@@ -177,6 +189,8 @@ class BiONet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) -> logits (B, classes, H, W)."""
         self.check_input(x)
+        if self.training:  # the kernels update running statistics without bumping _version
+            self.inference_cache.clear()
         ops = self._ops(x.device)
         stages = self._checkpointing() and self.config.checkpoint_stages
         x0 = _checkpointed(self._stem, ops, x) if stages else self._stem(ops, x)

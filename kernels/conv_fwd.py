@@ -262,6 +262,18 @@ def fold_affine(packed: torch.Tensor, dtype: torch.dtype, c1: int, s1=None, b1=N
     return wp, bt
 
 
+def _check_folded(folded, has_affine: bool, dtype: torch.dtype, cin: int, cout: int):
+    """Validate a precomputed fold_affine result: (wp (9, cin, cout), bt (18, cout)) in ``dtype``."""
+    if not has_affine:
+        raise ValueError("folded= was given without an input affine; pass packed_weight instead.")
+    wp, bt = folded
+    if (tuple(wp.shape) != (9, cin, cout) or tuple(bt.shape) != (18, cout) or wp.dtype != dtype
+            or bt.dtype != dtype or not (wp.is_contiguous() and bt.is_contiguous())):
+        raise ValueError(f"folded must be fold_affine(...) for (9, {cin}, {cout}) in {dtype}; got "
+                         f"{tuple(wp.shape)} {wp.dtype} and {tuple(bt.shape)} {bt.dtype}.")
+    return wp, bt
+
+
 def _kernel_for(dtype: torch.dtype):
     return _conv3x3_fwd_kernel_f64 if dtype == torch.float64 else _conv3x3_fwd_kernel
 
@@ -270,7 +282,7 @@ def conv3x3_fwd(x1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                 x2: Optional[torch.Tensor] = None, s1: Optional[torch.Tensor] = None,
                 b1: Optional[torch.Tensor] = None, s2: Optional[torch.Tensor] = None,
                 b2: Optional[torch.Tensor] = None, *, want_stats: bool = True,
-                packed_weight: Optional[torch.Tensor] = None):
+                packed_weight: Optional[torch.Tensor] = None, folded: Optional[tuple] = None):
     """Fused conv3x3(pad 1) + bias + ReLU with BatchNorm statistics of the result.
 
     Args:
@@ -284,6 +296,8 @@ def conv3x3_fwd(x1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         packed_weight: optional ``pack_weight(weight, dtype)`` to skip the repack (callers running
             one conv several times per forward pack once). Best in the weight's own dtype: with an
             affine it is folded from (fp32 keeps W*s to one rounding), without one cast to x1's dtype.
+        folded: optional ``fold_affine(packed, x1.dtype, C1, s1, b1, s2, b2)`` computed earlier for
+            these very affines (inference reuses it across calls); s1..b2 are then only checked.
     Returns:
         y (B, Cout, H, W) in x1's dtype, channels_last; mean (Cout,) and m2 (Cout,) (sum of squared
         deviations from the mean over B*H*W) in fp32 (fp64 for fp64 input), or None, None.
@@ -313,8 +327,10 @@ def conv3x3_fwd(x1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                                       or not packed_weight.is_contiguous()):
         raise ValueError(f"packed_weight must be pack_weight(weight, dtype) of shape "
                          f"(9, {c1 + c2}, {cout}); got {tuple(packed_weight.shape)}.")
-    folded = s1 is not None or (s2 is not None and x2 is not None)
-    if folded:  # the affine changes the weights: a fresh folded copy (one small launch)
+    has_affine = s1 is not None or (s2 is not None and x2 is not None)
+    if folded is not None:
+        wp, bt = _check_folded(folded, has_affine, x1.dtype, c1 + c2, cout)
+    elif has_affine:  # the affine changes the weights: a fresh folded copy (one small launch)
         packed = pack_weight(weight, weight.dtype) if packed_weight is None else packed_weight
         wp, bt = fold_affine(packed, x1.dtype, c1, s1, b1, s2 if x2 is not None else None,
                              b2 if x2 is not None else None)
@@ -337,7 +353,7 @@ def conv3x3_fwd(x1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         x1, x2_, wp, wp if bt is None else bt, dummy if bias is None else bias, y, pmean, pm2,
         m, h, w, c1, c2, cout, triton.next_power_of_2(m),
         *x1.stride(), *x2_.stride(), *y.stride(),
-        HAS_X2=x2 is not None, TAP_BIAS=folded,
+        HAS_X2=x2 is not None, TAP_BIAS=has_affine,
         HAS_BIAS=bias is not None, WANT_STATS=want_stats, ACC=acc_dtype(x1.dtype),
         PRECISION=dot_precision(x1.dtype), UPCAST=dot_upcast(x1.dtype))
     if not want_stats:

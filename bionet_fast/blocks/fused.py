@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bionet_fast.kernels.bn_stats import bn_eval_affine, bn_finalize, bn_stats
-from bionet_fast.kernels.conv_fwd import conv3x3_fwd, pack_weight
+from bionet_fast.kernels.conv_fwd import conv3x3_fwd, fold_affine, pack_weight
 
 from . import stats_update_enabled
+from .inference_cache import InferenceCache
 
 # ConvReluFn.backward: bionet_fast.kernels.conv_bwd (default) or torch math (BIONET_FAST_TRITON_BWD=0).
 _TRITON_BWD = os.environ.get("BIONET_FAST_TRITON_BWD", "1") != "0"
@@ -103,9 +104,10 @@ class ConvReluFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x1, s1, b1, x2, s2, b2, weight, bias, want_stats=True, packed_weight=None):
+    def forward(ctx, x1, s1, b1, x2, s2, b2, weight, bias, want_stats=True, packed_weight=None,
+                folded=None):
         y, mean, m2 = conv3x3_fwd(x1, weight, bias, x2, s1, b1, s2, b2, want_stats=want_stats,
-                                  packed_weight=packed_weight)
+                                  packed_weight=packed_weight, folded=folded)
         ctx.save_for_backward(x1, s1, b1, x2, s2, b2, weight, y)
         ctx.bias_dtype = None if bias is None else bias.dtype
         if mean is not None:
@@ -131,7 +133,7 @@ class ConvReluFn(torch.autograd.Function):
         dbias = None if dbias is None or not needs[7] else dbias.to(ctx.bias_dtype)
         grads = [dx1, ds1, db1, dx2, ds2, db2]
         grads = [g if n else None for g, n in zip(grads, needs[:6])]
-        return (*grads, dweight, dbias, None, None)
+        return (*grads, dweight, dbias, None, None, None)
 
 
 class BNStatsFn(torch.autograd.Function):
@@ -198,12 +200,50 @@ class FusedOps:
     One instance per forward: it caches the packed (9, Cin, Cout) conv weights, which BiO-Net's
     iterations share, and checks the weight's version so an in-place update is never missed.
     A pending input affine is folded into the weights by conv3x3_fwd (one small launch per call).
+    With an `InferenceCache` (the model passes its own in eval mode without grad) the eval-mode
+    BatchNorm affines, the folded weights and the casts are kept across forwards instead.
     """
 
     name = "triton"
 
-    def __init__(self) -> None:
+    def __init__(self, cache: Optional[InferenceCache] = None) -> None:
         self._packs: dict = {}
+        self._cache = cache
+        self._stable: set = set()  # ids of affine vectors that came out of the cache
+
+    # --- inference cache ------------------------------------------------------------------------
+    def _caching(self) -> bool:
+        return self._cache is not None and not torch.is_grad_enabled()
+
+    def _memo(self, tag, inputs, compute, big=False):
+        """compute() through the inference cache; tensors it returns count as stable inputs."""
+        value = self._cache.get(tag, inputs, compute, big=big)
+        for v in value if isinstance(value, tuple) else (value,):
+            self._stable.add(id(v))
+        return value
+
+    def _is_stable(self, *xs: Pending) -> bool:
+        """True when every pending affine of xs is a cached (call-to-call identical) tensor."""
+        return all(v is None or id(v) in self._stable for x in xs for v in (x.scale, x.shift))
+
+    def _folded(self, weight: torch.Tensor, dtype: torch.dtype, x1: Pending, x2: Pending):
+        """Cached fold_affine of weight with x1's / x2's affines, or None when not cacheable."""
+        if not self._caching() or (x1.scale is None and x2.scale is None) or not self._is_stable(x1, x2):
+            return None
+        c1 = x1.raw.shape[1]
+        s2, b2 = (x2.scale, x2.shift) if x2.raw is not None else (None, None)
+
+        def fold():
+            return fold_affine(pack_weight(weight, weight.dtype), dtype, c1, x1.scale, x1.shift, s2, b2)
+
+        return self._memo(("fold", dtype, c1), (weight, x1.scale, x1.shift, s2, b2), fold, big=True)
+
+    def _cast(self, t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+        if t is None or t.dtype == dtype:
+            return t
+        if self._caching():
+            return self._memo(("cast", dtype), (t,), lambda: t.to(dtype), big=True)
+        return t.to(dtype)
 
     # --- helpers ------------------------------------------------------------------------------
     @staticmethod
@@ -218,6 +258,8 @@ class FusedOps:
         else in the weight's own dtype (the kernel folds the affine into it, rounding once)."""
         if any(x.scale is not None for x in xs):
             dtype = weight.dtype
+        if self._caching():
+            return self._memo(("pack", dtype), (weight,), lambda: pack_weight(weight, dtype), big=True)
         key = (id(weight), dtype)
         hit = self._packs.get(key)
         if hit is not None and hit[0] is weight and hit[1] == weight._version:
@@ -233,13 +275,20 @@ class FusedOps:
         grad = torch.is_grad_enabled() and (y.requires_grad or (gamma is not None and gamma.requires_grad))
         if not batch:
             if not grad:
-                return bn_eval_affine(gamma, beta, bn.running_mean, bn.running_var, bn.eps)
+                def affine():
+                    return bn_eval_affine(gamma, beta, bn.running_mean, bn.running_var, bn.eps)
+
+                if self._caching():
+                    return self._memo(("bn", bn.eps), (gamma, beta, bn.running_mean, bn.running_var), affine)
+                return affine()
             invstd = torch.rsqrt(bn.running_var + bn.eps)
             scale = invstd if gamma is None else gamma * invstd
             return scale, (-bn.running_mean * scale if beta is None else beta - bn.running_mean * scale)
         if mean is None:
             mean, m2, _ = bn_stats(y)
         update = bn.training and bn.running_mean is not None and stats_update_enabled()
+        if update and self._cache is not None:  # running stats change under the cached affines
+            self._cache.clear()
         count = y.numel() // y.shape[1]
         if not grad:
             scale, shift, _, _ = bn_finalize(mean, m2, count, gamma, beta, bn.running_mean,
@@ -261,9 +310,11 @@ class FusedOps:
         x1 = xs[0]
         x2 = xs[1] if len(xs) == 2 else Pending(None)
         want = bn.training or bn.running_mean is None
+        folded = self._folded(conv.weight, dt, x1, x2)
+        packed = None if folded is not None else self._packed(conv.weight, dt, x1, x2)
         y, mean, m2 = ConvReluFn.apply(
             x1.raw.to(dt), x1.scale, x1.shift, None if x2.raw is None else x2.raw.to(dt),
-            x2.scale, x2.shift, conv.weight, conv.bias, want, self._packed(conv.weight, dt, x1, x2))
+            x2.scale, x2.shift, conv.weight, conv.bias, want, packed, folded)
         return Pending(y, *self._bn_affine(y, mean, m2, bn))
 
     def down(self, x: Pending, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Pending:
@@ -273,9 +324,17 @@ class FusedOps:
         result is max-pool(BN(y)) exactly while BN itself stays pending.
         """
         p = self.block([x], conv, bn)
-        sgn = torch.where(p.scale >= 0, 1.0, -1.0).to(p.raw.dtype).detach()
+
+        def signs():
+            sgn = torch.where(p.scale >= 0, 1.0, -1.0).detach()
+            return sgn.to(p.raw.dtype), p.scale * sgn.to(p.scale.dtype)
+
+        if self._caching() and self._is_stable(p):
+            sgn, scale = self._memo(("down", p.raw.dtype), (p.scale,), signs)
+        else:
+            sgn, scale = signs()
         pooled = _SignedMaxPoolFn.apply(p.raw, sgn)
-        return Pending(pooled, p.scale * sgn.to(p.scale.dtype), p.shift)
+        return Pending(pooled, scale, p.shift)
 
     def up(self, x: Pending, conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> Pending:
         """UP: transposed conv (3, s2, p1, op1) -> ReLU -> BN: (B, C, H, W) -> (B, C_out, 2H, 2W).
@@ -284,8 +343,7 @@ class FusedOps:
         from the bn_stats kernel and BN stays pending."""
         dt = self._dtype(x.raw)
         v = self.dense(x).to(dt)
-        bias = None if conv.bias is None else conv.bias.to(dt)
-        z = F.conv_transpose2d(v, conv.weight.to(dt), bias, conv.stride, conv.padding,
+        z = F.conv_transpose2d(v, self._cast(conv.weight, dt), self._cast(conv.bias, dt), conv.stride, conv.padding,
                                conv.output_padding, conv.groups, conv.dilation)
         y = torch.relu_(z)  # conv_transpose2d's backward does not need its output: in place is safe
         return Pending(y, *self._bn_affine(y, None, None, bn))

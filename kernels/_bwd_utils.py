@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot_precision, dot_upcast, is_interpreter
+from ._utils import dot_precision, dot_upcast, is_interpreter, prune_by_shared, shared_memory_limit
 
 # The interpreter runs every program in numpy: one small config keeps the CPU tests fast.
 INTERPRET = is_interpreter()
@@ -61,16 +61,36 @@ def _fits(block: int, dim: int) -> bool:
     return block <= max(16, triton.next_power_of_2(dim))
 
 
+def dgrad_shared_bytes(config, elem: int) -> int:
+    """Shared memory of _dgrad_kernel: (stages - 1) buffers of the dy and y tiles (BLOCK_M x
+    BLOCK_K each) and the weight tile (BLOCK_K x BLOCK_N), plus one weight tile for the dot.
+    Fitted to ptxas' sm_90 numbers (bench/compile_report.py), exact for every table config."""
+    m, n, k = (config.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return ((config.num_stages - 1) * (2 * m * k + k * n) + k * n) * elem
+
+
+def wgrad_shared_bytes(config, elem: int, inputs: int = 2) -> int:
+    """Shared memory of _wgrad_kernel: (stages - 1) buffers of the dy and y tiles (BLOCK_K x
+    BLOCK_M each) and of one BLOCK_K x BLOCK_N tile per input half, plus the affine-applied
+    operand of the dot. Fitted to ptxas' sm_90 numbers, exact for every table config."""
+    m, n, k = (config.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return ((config.num_stages - 1) * (2 * k * m + inputs * k * n) + k * n) * elem
+
+
 def prune_dgrad(configs, named_args, **kwargs):
     keep = [c for c in configs if _fits(c.kwargs["BLOCK_N"], named_args["C_IN"])
-            and _fits(c.kwargs["BLOCK_K"], named_args["C_OUT"])]
-    return keep or configs[:1]
+            and _fits(c.kwargs["BLOCK_K"], named_args["C_OUT"])] or configs[:1]
+    dy = named_args["dy_ptr"]
+    return prune_by_shared(keep, lambda c: dgrad_shared_bytes(c, dy.element_size()), shared_memory_limit(dy))
 
 
 def prune_wgrad(configs, named_args, **kwargs):
     keep = [c for c in configs if _fits(c.kwargs["BLOCK_M"], named_args["C_OUT"])
-            and _fits(c.kwargs["BLOCK_N"], named_args["C_IN"])]
-    return keep or configs[:1]
+            and _fits(c.kwargs["BLOCK_N"], named_args["C_IN"])] or configs[:1]
+    dy = named_args["dy_ptr"]
+    inputs = 2 if kwargs.get("HAS_X2", named_args.get("HAS_X2", True)) else 1
+    return prune_by_shared(keep, lambda c: wgrad_shared_bytes(c, dy.element_size(), inputs),
+                           shared_memory_limit(dy))
 
 
 def size_bucket(n: int) -> int:

@@ -58,6 +58,28 @@ def round_to(v, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
     return v.to(dtype)
 
 
+#: Shared memory one block may use (opt-in maximum) on an H100/H200; the fallback when the device
+#: does not say (see shared_memory_limit).
+HOPPER_SHARED_BYTES = 232448
+
+
+def shared_memory_limit(t: torch.Tensor) -> int:
+    """Bytes of shared memory a block may use on t's device: 227 KiB on an H100/H200, 163 KiB on
+    an A100, 99 KiB on consumer Ampere/Ada. Autotune tables are pruned against it, because a config
+    over the limit cannot launch (Triton raises OutOfResources)."""
+    if t.device.type != "cuda":
+        return HOPPER_SHARED_BYTES
+    props = torch.cuda.get_device_properties(t.device)
+    return int(getattr(props, "shared_memory_per_block_optin", HOPPER_SHARED_BYTES))
+
+
+def prune_by_shared(configs: list, estimate, limit: int) -> list:
+    """The configs whose estimated shared memory (``estimate(config)`` bytes) fits in ``limit``;
+    if none does, the one that needs least (better a slow launch than none)."""
+    fits = [c for c in configs if estimate(c) <= limit]
+    return fits or [min(configs, key=estimate)]
+
+
 def acc_dtype(dtype: torch.dtype):
     """Triton accumulator / statistics dtype: fp64 for fp64 inputs, else fp32."""
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from ._utils import (acc_dtype, check_activation, check_channel_vector, dot_precision,
-                     dot_upcast, is_interpreter, round_to, stats_dtype)
+                     dot_upcast, is_interpreter, prune_by_shared, round_to,
+                     shared_memory_limit, stats_dtype)
 from .bn_stats import merge_partials
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). `_prune` clamps BLOCK_N / BLOCK_K to the
@@ -63,9 +64,18 @@ def _configs() -> list:
             for m, n, k, w, s in table]
 
 
+def shared_bytes(config, elem: int) -> int:
+    """Shared memory of the main kernel: num_stages buffers of the A (BLOCK_M x BLOCK_K) and
+    B (BLOCK_K x BLOCK_N) tiles of ``elem``-byte operands. Equals what ptxas reports for sm_90
+    (bench/compile_report.py; checked in tests/test_compile_sm90.py)."""
+    kw = config.kwargs
+    return config.num_stages * (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem
+
+
 def _prune(configs, named_args, **kwargs):
     """Clamp BLOCK_N / BLOCK_K to the channel counts (wider blocks would be pure masked waste;
-    tl.dot needs >= 16) and drop the duplicates this makes."""
+    tl.dot needs >= 16), drop the duplicates this makes, and the configs whose tiles do not fit in
+    the device's shared memory (fp32 tiles are twice bf16's)."""
     n_cap = max(16, triton.next_power_of_2(named_args["COUT"]))
     k_cap = max(16, triton.next_power_of_2(max(named_args["C1"], named_args["C2"])))
     out, seen = [], set()
@@ -75,7 +85,8 @@ def _prune(configs, named_args, **kwargs):
         if sig not in seen:
             seen.add(sig)
             out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
-    return out
+    x1 = named_args["x1_ptr"]
+    return prune_by_shared(out, lambda c: shared_bytes(c, x1.element_size()), shared_memory_limit(x1))
 
 
 @triton.jit

@@ -1,0 +1,484 @@
+"""Ahead-of-time compilation of the package's Triton kernels for an H100/H200 (sm_90), no GPU needed.
+
+    python -m bench.aot JOBS.json OUT.jsonl     (a worker; tests and bench.compile_report start it)
+
+`compile_sm90` builds a kernel's signature from its own parameters (pointers `*<dtype>` from a
+per-kernel dtype map, integer scalars specialised the way a launch specialises them, float scalars
+fp32), compiles it with `triton.compile` for GPUTarget("cuda", 90, 32) and reads back what decides
+whether it can run: dynamic shared memory (H100/H200 allow at most SHARED_LIMIT bytes per block),
+registers and spills (from ptxas' own -v log) and whether the PTX uses tensor cores.
+
+Why worker processes: under TRITON_INTERPRET=1 (the CPU test suite) triton replaces every
+@triton.jit function at import, triton.language's own (tl.cdiv, tl.sum, ...) included, by an
+InterpretedFunction the compiler cannot lower. So jobs run in `python -m bench.aot` processes
+started without TRITON_INTERPRET; each imports a private copy of kernels/ in GPU mode, so every
+module-level switch (autotune tables, interpreter-only constexprs like UPCAST) takes its GPU value.
+
+KERNELS describes how the package launches each @triton.jit kernel (which pointers carry the compute
+dtype, the constexprs the host wrapper passes on the GPU, representative shapes); read the host
+wrappers in kernels/ when a kernel changes. Constexprs come from the GPU-mode modules' own helpers
+(dot_precision, dot_meta, ...) wherever the wrapper uses one.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+KERNELS_DIR = REPO / "kernels"
+#: Max dynamic shared memory per block on sm_90 (H100 and H200, opt-in): 227 KiB.
+SHARED_LIMIT = 232448
+ARCH, WARP = 90, 32
+DTYPES = ("bf16", "fp16", "fp32")
+# Representative activation shape (B, H, W): every extent a multiple of 16, like the model's levels.
+BATCH, HEIGHT, WIDTH = 2, 64, 64
+
+
+# --- signature and compilation (run only where triton was imported without the interpreter) ------
+def build_signature(fn, constexprs: dict, ptr_dtypes: dict, scalars: Optional[dict] = None,
+                    default_ptr: str = "fp32"):
+    """-> (signature, constexprs, attrs) for triton.compiler.ASTSource, from fn's parameters.
+
+    fn: a JITFunction. constexprs: value of every tl.constexpr parameter (those with a default may
+    be left out). ptr_dtypes: {pointer parameter: triton dtype name ("bf16", "i64", ...)}; other
+    pointers (names ending in _ptr) get `default_ptr`. scalars: representative values of the other
+    parameters; each is specialised exactly as a launch would (an int equal to 1 becomes the
+    constexpr 1, a multiple of 16 gets tt.divisibility=16, a float is fp32); a scalar without a
+    value is an i32. Pointers are 16-byte aligned (every torch allocation is).
+    Raises ValueError naming the kernel and the parameters when constexprs do not match.
+    """
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    params = fn.params
+    names = [p.name for p in params]
+    missing = [p.name for p in params if p.is_constexpr and p.name not in constexprs and not p.has_default]
+    unknown = [k for k in constexprs if k not in names or not params[names.index(k)].is_constexpr]
+    if missing or unknown:
+        raise ValueError(f"{fn.__name__}: constexprs do not match its signature (missing {missing}, "
+                         f"not constexpr parameters {unknown}); update its entry in bench/aot.py KERNELS")
+    scalars = scalars or {}
+    signature, consts, attrs = {}, {}, {}
+    for i, p in enumerate(params):
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            consts[p.name] = constexprs[p.name] if p.name in constexprs else p.default
+        elif p.name.endswith("_ptr"):
+            signature[p.name] = "*" + ptr_dtypes.get(p.name, default_ptr)
+            attrs[(i,)] = BaseBackend.parse_attr("D")
+        elif p.name in scalars:
+            kind, spec = native_specialize_impl(BaseBackend, scalars[p.name], False, True, True)
+            signature[p.name] = kind
+            if kind == "constexpr":
+                consts[p.name] = spec
+            elif isinstance(spec, str) and spec:
+                attrs[(i,)] = BaseBackend.parse_attr(spec)
+        else:
+            signature[p.name] = "i32"
+    return signature, consts, attrs
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_sm90(fn, constexprs: dict, ptr_dtypes: dict, scalars: Optional[dict] = None,
+                 num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> dict:
+    """Compile JITFunction `fn` for sm_90 (see build_signature) -> measurements:
+    shared (dynamic shared memory, bytes), registers, spill_stores / spill_loads / stack (bytes,
+    from ptxas -v), wgmma / mma_sync (tensor-core instructions in the PTX), seconds.
+    num_warps / num_stages None: triton's defaults, as a launch without them gets.
+    Raises whatever triton.compile raises (CompilationError, PTXASError)."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if knobs.runtime.interpret:
+        raise RuntimeError("triton runs in its interpreter here (TRITON_INTERPRET=1): compile in a "
+                           "worker process, bench.aot.run_jobs")
+    signature, consts, attrs = build_signature(fn, constexprs, ptr_dtypes, scalars)
+    options = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = True  # ptxas -v output, printed by the compiler: captured
+        knobs.compilation.always_compile = True  # a cache hit would print no log
+        kernel = triton.compile(ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", ARCH, WARP),
+                                options=options)
+    seconds = time.perf_counter() - t0
+    text = log.getvalue()
+    regs, spill = _PTXAS_REGS.search(text), _PTXAS_SPILL.search(text)
+    ptx = kernel.asm["ptx"]
+    return dict(shared=kernel.metadata.shared, registers=int(regs.group(1)) if regs else None,
+                stack=int(spill.group(1)) if spill else None,
+                spill_stores=int(spill.group(2)) if spill else None,
+                spill_loads=int(spill.group(3)) if spill else None,
+                wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx,
+                num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages,
+                seconds=round(seconds, 2))
+
+
+# --- the kernels: how the package launches them ----------------------------------------------------
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _nhwc(prefix: str, channels: int) -> dict:
+    """Stride scalars prefix+b/c/h/w of a channels_last (B, C, H, W) activation (the model's layout)."""
+    c = max(1, channels)
+    return {prefix + "b": HEIGHT * WIDTH * c, prefix + "c": 1, prefix + "h": WIDTH * c, prefix + "w": c}
+
+
+@dataclass
+class Launch:
+    """What one launch passes: the kernel (an Autotuner is resolved to its JITFunction and configs),
+    pointers in the compute dtype, constexprs other than an autotune config's, scalars."""
+    kernel: object
+    act: tuple
+    constexprs: dict
+    scalars: dict
+    ptr_types: dict = field(default_factory=dict)  # pointers of a fixed dtype other than fp32
+
+
+# One builder per kernel: (GPU-mode modules, torch compute dtype, (C1, C2, COUT)) -> Launch, mirroring
+# its host wrapper as the model calls it under autocast: activations in the compute dtype; conv bias,
+# BatchNorm scale/shift/statistics and the fp32 master weight that fold_affine reads in fp32.
+def _conv_fwd(m, dt, ch):
+    c1, c2, co = ch
+    u, pix = m._utils, BATCH * HEIGHT * WIDTH
+    return Launch(
+        m.conv_fwd._conv3x3_fwd_kernel, ("x1_ptr", "x2_ptr", "w_ptr", "bt_ptr", "y_ptr"),
+        # conv3x3_fwd with an x2, pending affines (TAP_BIAS), a bias and statistics: the widest variant.
+        dict(HAS_X2=c2 > 0, TAP_BIAS=True, HAS_BIAS=True, WANT_STATS=True, ACC=u.acc_dtype(dt),
+             PRECISION=u.dot_precision(dt), UPCAST=u.dot_upcast(dt)),
+        dict(M=pix, H=HEIGHT, W=WIDTH, C1=c1, C2=c2, COUT=co, M_BUCKET=_next_pow2(pix),
+             **_nhwc("sx1_", c1), **_nhwc("sx2_", c2 or c1), **_nhwc("sy_", co)))
+
+
+def _fold(m, dt, ch):
+    import torch
+    import triton.language as tl
+
+    c1, c2, co = ch
+    # fold_affine: packed weight in the weight's own dtype (fp32), wp / bt in the compute dtype.
+    hi = {torch.float64: tl.float64, torch.float16: tl.float16}.get(dt, tl.bfloat16)
+    return Launch(m.conv_fwd._fold_kernel, ("wp_ptr", "bt_ptr"),
+                  dict(AFF1=True, AFF2=c2 > 0, ACC=m._utils.acc_dtype(dt), HI=hi,
+                       EMULATE_RNE=m._utils.dot_upcast(dt), BLOCK_C=32, BLOCK_N=min(64, max(16, _next_pow2(co)))),
+                  dict(C1=c1, CIN=c1 + c2, COUT=co))
+
+
+def _dgrad(m, dt, ch):
+    c1, c2, co = ch
+    u, pix, cin = m._bwd_utils, BATCH * HEIGHT * WIDTH, c1 + c2
+    return Launch(
+        m.conv_bwd._dgrad_kernel, ("dy_ptr", "y_ptr", "w_ptr", "x1_ptr", "x2_ptr", "dx1_ptr", "dx2_ptr"),
+        dict(HAS_X2=c2 > 0, HAS_S1=True, HAS_S2=c2 > 0, **u.dot_meta(dt)),
+        dict(H=HEIGHT, W=WIDTH, M=pix, C_OUT=co, C1=c1, C_IN=cin, M_BUCKET=u.size_bucket(pix),
+             **_nhwc("sdy_", co), **_nhwc("sy_", co),
+             # weight.to(memory_format=channels_last): (Cout, Cin, 3, 3) strides (9Cin, 1, 3Cin, Cin)
+             sw_o=9 * cin, sw_i=1, sw_h=3 * cin, sw_w=cin,
+             **_nhwc("sx1_", c1), **_nhwc("sx2_", c2 or c1), **_nhwc("sd1_", c1), **_nhwc("sd2_", c2 or c1)))
+
+
+def _wgrad(m, dt, ch):
+    import torch
+
+    c1, c2, co = ch
+    u, pix, cin = m._bwd_utils, BATCH * HEIGHT * WIDTH, c1 + c2
+    _, chunk = u.wgrad_split(pix, co, cin, torch.device("cpu"))
+    return Launch(
+        m.conv_bwd._wgrad_kernel, ("dy_ptr", "y_ptr", "x1_ptr", "x2_ptr"),
+        dict(HAS_X2=c2 > 0, HAS_A1=True, HAS_A2=c2 > 0, **u.dot_meta(dt)),
+        dict(H=HEIGHT, W=WIDTH, P=pix, C_OUT=co, C1=c1, C_IN=cin, CHUNK=chunk, P_BUCKET=u.size_bucket(pix),
+             **_nhwc("sdy_", co), **_nhwc("sy_", co), **_nhwc("sx1_", c1), **_nhwc("sx2_", c2 or c1)))
+
+
+def _merge(m, dt, ch):
+    co, rows, pix = ch[2], 128, BATCH * HEIGHT * WIDTH  # rows: a conv tile's BLOCK_M
+    b = m.bn_stats
+    return Launch(b._merge_kernel, (), dict(BLOCK_T=b._MERGE_BLOCK_T, BLOCK_C=b._MERGE_BLOCK_C),
+                  dict(T=-(-pix // rows), C=co, TOTAL=pix, ROWS=rows))
+
+
+def _partial(m, dt, ch):
+    c, b = ch[2], m.bn_stats
+    block_c = min(64, max(16, _next_pow2(c)))  # bn_stats() on a channels_last tensor
+    return Launch(b._partial_kernel, ("y_ptr",),
+                  dict(ACC=m._utils.acc_dtype(dt), BLOCK_R=b._PARTIAL_ELEMS // block_c, BLOCK_C=block_c),
+                  dict(M=BATCH * HEIGHT * WIDTH, C=c, HW=HEIGHT * WIDTH, W=WIDTH, **_nhwc("s", c)))
+
+
+def _finalize(m, dt, ch):
+    # Training BatchNorm with affine, running statistics (fp32 buffers) and num_batches_tracked (int64).
+    return Launch(m.bn_stats._finalize_kernel, (),
+                  dict(HAS_AFFINE=True, UPDATE=True, CUMULATIVE=False, BLOCK_C=128),
+                  dict(C=ch[2], count=float(BATCH * HEIGHT * WIDTH), momentum=0.01, eps=1e-5),
+                  ptr_types={"nbt_ptr": "i64"})
+
+
+def _eval_affine(m, dt, ch):
+    return Launch(m.bn_stats._eval_affine_kernel, (), dict(HAS_AFFINE=True, BLOCK_C=256),
+                  dict(C=ch[2], eps=1e-5))
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    jit_name: str          # the @triton.jit function in kernels/
+    launch: Callable       # (gpu modules, torch dtype, (C1, C2, COUT)) -> Launch
+    dtypes: tuple          # compute dtypes the test compiles ("fp32" only: no compute-dtype pointer)
+    gemm: bool = False     # autotuned implicit GEMM: tensor cores expected, spills matter
+
+
+#: Short name -> spec, for every kernel the package launches (test_compile_sm90 checks the coverage).
+KERNELS = {
+    "conv_fwd": KernelSpec("_conv3x3_fwd_jit", _conv_fwd, ("bf16", "fp16", "fp32"), gemm=True),
+    "fold": KernelSpec("_fold_kernel", _fold, ("bf16", "fp16", "fp32")),
+    "dgrad": KernelSpec("_dgrad_kernel", _dgrad, ("bf16", "fp16", "fp32"), gemm=True),
+    "wgrad": KernelSpec("_wgrad_kernel", _wgrad, ("bf16", "fp16", "fp32"), gemm=True),
+    "bn_merge": KernelSpec("_merge_kernel", _merge, ("fp32",)),
+    "bn_partial": KernelSpec("_partial_kernel", _partial, ("bf16", "fp32")),
+    "bn_finalize": KernelSpec("_finalize_kernel", _finalize, ("fp32",)),
+    "bn_eval_affine": KernelSpec("_eval_affine_kernel", _eval_affine, ("fp32",)),
+}
+GEMMS = tuple(k for k, s in KERNELS.items() if s.gemm)
+#: (C1, C2, COUT) of the test's compiles: a decoder block of BiO-Net x1.0 level 1.
+TEST_CHANNELS = (64, 64, 64)
+
+
+def launched_kernels(kernels_dir: Path = KERNELS_DIR) -> set:
+    """Names of the @triton.jit functions of kernels/*.py that no other jit function calls (the
+    kernels that get launched; the rest are device helpers), found by reading the source."""
+    def is_jit(d):  # @triton.jit, @jit, @triton.jit(...)
+        d = d.func if isinstance(d, ast.Call) else d
+        return getattr(d, "attr", getattr(d, "id", None)) == "jit"
+
+    jits, called = {}, set()
+    for path in sorted(kernels_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any(is_jit(d) for d in node.decorator_list):
+                jits[node.name] = node
+    for node in jits.values():
+        called |= {c.func.id for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+    return set(jits) - called
+
+
+# --- the worker side: GPU-mode modules, configs, jobs -------------------------------------------------
+_GPU_MODULES: dict = {}
+
+
+def gpu_modules(pinned: bool):
+    """A private copy of kernels/ imported in GPU mode (cached): `.conv_fwd`, `.conv_bwd`,
+    `.bn_stats`, `._utils`, `._bwd_utils`. pinned: imported with BIONET_FAST_AUTOTUNE=0."""
+    import importlib
+    import importlib.util
+    from types import SimpleNamespace
+
+    if pinned in _GPU_MODULES:
+        return _GPU_MODULES[pinned]
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("gpu_modules needs a process without TRITON_INTERPRET=1; use run_jobs")
+    name = "_bionet_aot_kernels_" + ("pinned" if pinned else "tuned")
+    before = os.environ.get("BIONET_FAST_AUTOTUNE")
+    os.environ["BIONET_FAST_AUTOTUNE"] = "0" if pinned else "1"
+    try:
+        spec = importlib.util.spec_from_file_location(name, KERNELS_DIR / "__init__.py",
+                                                      submodule_search_locations=[str(KERNELS_DIR)])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules[name] = pkg
+        spec.loader.exec_module(pkg)
+        mods = SimpleNamespace(**{m: importlib.import_module(f"{name}.{m}")
+                                  for m in ("_utils", "_bwd_utils", "conv_fwd", "conv_bwd", "bn_stats")})
+    finally:
+        if before is None:
+            os.environ.pop("BIONET_FAST_AUTOTUNE", None)
+        else:
+            os.environ["BIONET_FAST_AUTOTUNE"] = before
+    _GPU_MODULES[pinned] = mods
+    return mods
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _tl_name(dt) -> str:
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[dt]
+
+
+def configs(kernel: str, dtype: str, channels: tuple, all_configs: bool) -> list:
+    """GPU configs [(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)] the autotuner of a GEMM kernel
+    would try at these channels, after its early_config_prune. all_configs False: the table of a run
+    with BIONET_FAST_AUTOTUNE=0 (conv_fwd pins one config; the backward kernels have no pin)."""
+    import torch
+
+    dt = _torch_dtype(dtype)
+    launch = KERNELS[kernel].launch(gpu_modules(not all_configs), dt, tuple(channels))
+    tuner = launch.kernel
+    cfgs = tuner.configs
+    if tuner.early_config_prune is not None:
+        # what a launch hands the prune: named args (CPU stand-ins for the pointers: their dtype
+        # sets the shared-memory estimate, the limit falls back to the H100/H200's) and constexprs
+        ptrs = {p: torch.empty(0, dtype=dt) for p in launch.act}
+        non_constexpr = {**launch.scalars, **ptrs}
+        cfgs = tuner.early_config_prune(cfgs, non_constexpr, **launch.constexprs)
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+            for c in cfgs]
+
+
+@dataclass
+class Job:
+    """One compile. config None: the pinned config (first after the prune) of a GEMM kernel, or the
+    launch's own meta-parameters otherwise."""
+    kernel: str
+    dtype: str
+    channels: tuple = TEST_CHANNELS
+    config: Optional[tuple] = None
+    tag: str = ""  # free text carried to the result (the report lists layers there)
+
+
+def resolve(job: Job):
+    """-> (JITFunction, constexprs, pointer dtypes, scalars, num_warps, num_stages, config) of a job."""
+    dt = _torch_dtype(job.dtype)
+    launch = KERNELS[job.kernel].launch(gpu_modules(True), dt, tuple(job.channels))
+    fn, constexprs, warps, stages, cfg = launch.kernel, dict(launch.constexprs), None, None, None
+    if hasattr(fn, "configs"):  # an Autotuner: its JITFunction and one of its configs
+        cfg = tuple(job.config) if job.config else configs(job.kernel, job.dtype, job.channels, False)[0]
+        constexprs.update(BLOCK_M=cfg[0], BLOCK_N=cfg[1], BLOCK_K=cfg[2])
+        warps, stages, fn = cfg[3], cfg[4], fn.fn
+    ptrs = {p: _tl_name(dt) for p in launch.act} | launch.ptr_types
+    return fn, constexprs, ptrs, launch.scalars, warps, stages, cfg
+
+
+def compile_job(job: Job) -> dict:
+    """Compile one job in this (clean) process -> the job's fields plus compile_sm90's, or `error`."""
+    out = asdict(job)
+    try:
+        fn, constexprs, ptrs, scalars, warps, stages, out["config"] = resolve(job)
+        out.update(compile_sm90(fn, constexprs, ptrs, scalars, warps, stages))
+        out["error"] = None
+    except Exception as e:  # noqa: BLE001 - reported per job; the other jobs go on
+        out["error"] = f"{type(e).__name__}: {e}"[-4000:]
+        out["traceback"] = traceback.format_exc()[-4000:]
+    return out
+
+
+def plan_jobs(kernels, dtype: str, layers: dict, all_configs: bool) -> list:
+    """Jobs compiling each kernel's configs at each layer's (C1, C2, COUT), one job per distinct
+    compile (same config, same signature and specialisation), its tag naming the layers sharing it."""
+    jobs = {}
+    for kernel in kernels:
+        for channels, name in layers.items():
+            for cfg in configs(kernel, dtype, channels, all_configs):
+                job = Job(kernel, dtype, tuple(channels), cfg, name)
+                fn, constexprs, ptrs, scalars, warps, stages, _ = resolve(job)
+                key = (kernel, warps, stages, repr(build_signature(fn, constexprs, ptrs, scalars)))
+                if key in jobs:
+                    jobs[key].tag += ", " + name
+                else:
+                    jobs[key] = job
+    return list(jobs.values())
+
+
+def _worker(argv=None) -> int:
+    p = argparse.ArgumentParser(description="compile jobs for sm_90 (a bench.aot worker)")
+    p.add_argument("jobs", help="JSON: {'compile': [job, ...]} or {'plan': {...}}")
+    p.add_argument("out", help="JSON lines, one per job (plan: one line, the jobs)")
+    args = p.parse_args(argv)
+    request = json.loads(Path(args.jobs).read_text())
+    with open(args.out, "w") as f:
+        if "plan" in request:
+            q = request["plan"]
+            layers = {tuple(k): v for k, v in q["layers"]}
+            jobs = plan_jobs(q["kernels"], q["dtype"], layers, q["all_configs"])
+            f.write(json.dumps([asdict(j) for j in jobs]) + "\n")
+        for job in request.get("compile", []):
+            f.write(json.dumps(compile_job(Job(**job))) + "\n")
+            f.flush()
+    return 0
+
+
+# --- the caller side: clean worker processes ---------------------------------------------------------
+def _env(cache_dir: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BIONET_FAST_AUTOTUNE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["TRITON_CACHE_DIR"] = cache_dir  # fresh: nothing stale, nothing left in ~/.triton
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, without its warning
+    env.setdefault("CUDA_VISIBLE_DEVICES", "")  # compiling never needs a device
+    return env
+
+
+def _spawn(requests: list, timeout: float) -> list:
+    """Run one worker per request in parallel -> per request, its output lines (a lost worker's
+    jobs are missing from them)."""
+    from .device_bench import _kill, _read
+
+    with tempfile.TemporaryDirectory(prefix="bionet_aot_") as tmp:
+        procs = []
+        for i, request in enumerate(requests):
+            src, out, err = (Path(tmp, f"{stem}{i}{ext}") for stem, ext in
+                             (("jobs", ".json"), ("out", ".jsonl"), ("err", ".txt")))
+            src.write_text(json.dumps(request))
+            with open(err, "w") as f:  # a file, not a pipe: a chatty worker never blocks
+                procs.append((subprocess.Popen([sys.executable, "-m", "bench.aot", str(src), str(out)], cwd=REPO,
+                                               env=_env(str(Path(tmp, "cache"))), start_new_session=True,
+                                               stdout=subprocess.DEVNULL, stderr=f), out, err))
+        deadline, results = time.time() + timeout, []
+        for proc, out, err in procs:
+            try:
+                if proc.wait(timeout=max(1.0, deadline - time.time())):
+                    print(f"bench.aot worker exited with {proc.returncode}:\n{err.read_text()[-3000:]}",
+                          file=sys.stderr)
+            except subprocess.TimeoutExpired:
+                _kill(proc)
+                print(f"bench.aot worker killed after {timeout:.0f} s", file=sys.stderr)
+            results.append(_read(out))
+    return results
+
+
+def run_jobs(jobs: list, workers: int = 2, timeout: float = 600.0) -> list:
+    """Compile `jobs` in `workers` clean processes -> one result dict per job, in job order (a job
+    whose worker died or timed out comes back with `error` set)."""
+    jobs = [asdict(j) if isinstance(j, Job) else dict(j) for j in jobs]
+    # Longest first, dealt round-robin: GEMM compiles take seconds, the others a fraction.
+    order = sorted(range(len(jobs)), key=lambda i: KERNELS[jobs[i]["kernel"]].gemm, reverse=True)
+    shares = [order[w::workers] for w in range(max(1, min(workers, len(jobs))))]
+    outs = _spawn([{"compile": [jobs[i] for i in share]} for share in shares], timeout)
+    results = [None] * len(jobs)
+    for share, out in zip(shares, outs):
+        for i, r in zip(share, out):
+            results[i] = r
+    lost = {"error": "worker died or timed out before this job (see stderr)"}
+    return [r if r is not None else {**jobs[i], **lost} for i, r in enumerate(results)]
+
+
+def plan(kernels, dtype: str, layers: dict, all_configs: bool, timeout: float = 300.0) -> list:
+    """plan_jobs in a clean process (it needs the GPU-mode autotune tables) -> [Job]."""
+    request = {"plan": {"kernels": list(kernels), "dtype": dtype, "all_configs": all_configs,
+                        "layers": [[list(k), v] for k, v in layers.items()]}}
+    out = _spawn([request], timeout)[0]
+    if not out:
+        raise RuntimeError("bench.aot plan worker failed (see stderr)")
+    return [Job(**{**j, "channels": tuple(j["channels"]), "config": tuple(j["config"])}) for j in out[0]]
+
+
+if __name__ == "__main__":
+    sys.exit(_worker())

@@ -75,3 +75,25 @@ def peak_step_memory(model: torch.nn.Module, x: torch.Tensor, target: Optional[t
     with mode:
         loss_fn(model(x), target).backward()
     return mode.peak
+
+
+def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct tensors a train-mode forward of `model` on x (B, C, H, W) saves for
+    backward (autograd's saved tensors, via `saved_tensors_hooks`), parameters, buffers and x
+    excluded. Views of one storage count once. Runs on any device; the forward's output is dropped.
+    """
+    held = list(model.parameters()) + list(model.buffers()) + [x]
+    exclude = {t.untyped_storage().data_ptr() for t in held}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in exclude:
+            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return sum(seen.values())

@@ -168,7 +168,7 @@ def test_triton_backward_swap_matches_torch(kind):
     leaves = [t.requires_grad_(True) for p in pend for t in p] + [conv.weight, conv.bias]
     g = None
     grads = []
-    previous = fused._TRITON_BWD
+    previous = fused.triton_backward_enabled()
     try:
         for flag in (False, True):
             fused.set_triton_backward(flag)

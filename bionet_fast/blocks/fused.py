@@ -6,183 +6,27 @@ is applied by the next conv as it loads its input (kernels.conv_fwd), by `dense`
 transposed conv of UP. The statistics come out of the conv's epilogue, so a block reads its inputs
 once and writes its output once.
 
-Autograd decomposition (each piece is differentiable on its own, so gradients compose):
-    ConvReluFn   (x1, s1, b1, x2, s2, b2, weight, bias) -> y, (mean, m2 non-differentiable)
-    BNStatsFn    (y; mean, m2 reused)                   -> batch mean, invstd  (analytic backward)
-    scale = gamma * invstd, shift = beta - mean * scale  (plain torch on (C,) vectors)
-ConvReluFn saves only x1, x2 (other blocks' outputs: already alive), y and (C,) vectors: no
-concatenation and no normalised tensor is ever stored.
+Autograd (blocks/fused_autograd.py): ConvReluFn (conv + ReLU + statistics), BNStatsFn (batch
+mean and invstd as functions of y), DownFn, UpFn; then scale = gamma * invstd and
+shift = beta - mean * scale in plain torch on (C,) vectors, so gamma and beta get their gradients.
+What a training forward keeps: each block's ReLU output (not DOWN's, recomputed), pooled outputs
+and (C,) vectors; no concatenation, no normalised tensor, no materialised pending input.
 """
 from __future__ import annotations
 
-import os
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bionet_fast.kernels.bn_stats import bn_eval_affine, bn_finalize, bn_stats
-from bionet_fast.kernels.conv_fwd import conv3x3_fwd, fold_affine, pack_weight
+from bionet_fast.kernels.conv_fwd import fold_affine, pack_weight
 
 from . import stats_update_enabled
+from .fused_autograd import (BNStatsFn, ConvReluFn, DownFn, Pending, SignedMaxPoolFn, UpFn,  # noqa: F401
+                             set_triton_backward, triton_backward_enabled)
 from .inference_cache import InferenceCache
-
-# ConvReluFn.backward: bionet_fast.kernels.conv_bwd (default) or torch math (BIONET_FAST_TRITON_BWD=0).
-_TRITON_BWD = os.environ.get("BIONET_FAST_TRITON_BWD", "1") != "0"
-
-
-def set_triton_backward(enabled: bool) -> None:
-    """Route ConvReluFn.backward through bionet_fast.kernels.conv_bwd (True) or torch (False)."""
-    global _TRITON_BWD
-    _TRITON_BWD = bool(enabled)
-
-
-class Pending(NamedTuple):
-    """An activation with a deferred per-channel affine.
-
-    raw: (B, C, H, W), any layout (channels_last is the fast one).
-    scale, shift: (C,) fp32 (fp64 in float64 tests), or both None for the identity.
-    """
-
-    raw: torch.Tensor
-    scale: Optional[torch.Tensor] = None
-    shift: Optional[torch.Tensor] = None
-
-    def value(self) -> torch.Tensor:
-        """Materialise raw * scale + shift in raw's dtype (B, C, H, W); differentiable."""
-        if self.scale is None:
-            return self.raw
-        v = self.raw * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
-        return v.to(self.raw.dtype)
-
-
-def _affine(x: torch.Tensor, s: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> torch.Tensor:
-    """x * s + b per channel, in fp32 (or wider), rounded back to x's dtype as the kernel does."""
-    if s is None:
-        return x
-    return (x * s.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)).to(x.dtype)
-
-
-def _conv_relu_backward_torch(gy, y, weight, x1, x2, s1, b1, s2, b2, needs):
-    """Torch reference of the fused backward; same outputs as kernels.conv_bwd (dweight, dbias in
-    weight's dtype here). A = pad0(cat(affine(x1), affine(x2))) is recomputed, never saved."""
-    dz = gy * (y > 0)
-    c1 = x1.shape[1]
-    a = _affine(x1, s1, b1)
-    if x2 is not None:
-        a = torch.cat([a, _affine(x2, s2, b2)], dim=1)
-    w = weight.to(dz.dtype)
-    dx1 = ds1 = db1 = dx2 = ds2 = db2 = dweight = dbias = None
-    if any(needs[:6]):
-        da = torch.nn.grad.conv2d_input(a.shape, w, dz, padding=1)
-        halves = [(da[:, :c1], x1, s1)] + ([(da[:, c1:], x2, s2)] if x2 is not None else [])
-        grads = []
-        wide = torch.float64 if dz.dtype == torch.float64 else torch.float32
-        for da_k, x_k, s_k in halves:
-            dsum = (0, 2, 3)
-            ds_k = (da_k.to(wide) * x_k.to(wide)).sum(dsum).to(s_k.dtype) if s_k is not None else None
-            db_k = da_k.sum(dsum, dtype=wide).to(s_k.dtype) if s_k is not None else None
-            dx_k = (da_k * s_k.view(1, -1, 1, 1)).to(x_k.dtype) if s_k is not None else da_k
-            grads.append((dx_k, ds_k, db_k))
-        dx1, ds1, db1 = grads[0]
-        if x2 is not None:
-            dx2, ds2, db2 = grads[1]
-    if needs[6]:
-        dweight = torch.nn.grad.conv2d_weight(a, weight.shape, dz, padding=1).to(weight.dtype)
-    if needs[7]:
-        dbias = dz.sum((0, 2, 3), dtype=torch.float64 if dz.dtype == torch.float64 else torch.float32)
-    return dx1, ds1, db1, dx2, ds2, db2, dweight, dbias
-
-
-class ConvReluFn(torch.autograd.Function):
-    """y = relu(conv3x3(cat(pad0(x1*s1+b1), pad0(x2*s2+b2))) + bias), plus BN statistics of y.
-
-    forward(x1 (B,C1,H,W), s1, b1 (C1,)|None, x2 (B,C2,H,W)|None, s2, b2 (C2,)|None,
-            weight (Cout,C1+C2,3,3), bias (Cout,)|None, want_stats, packed_weight|None)
-        -> y (B,Cout,H,W) channels_last, mean (Cout,)|None, m2 (Cout,)|None (non-differentiable).
-    """
-
-    @staticmethod
-    def forward(ctx, x1, s1, b1, x2, s2, b2, weight, bias, want_stats=True, packed_weight=None,
-                folded=None):
-        y, mean, m2 = conv3x3_fwd(x1, weight, bias, x2, s1, b1, s2, b2, want_stats=want_stats,
-                                  packed_weight=packed_weight, folded=folded)
-        ctx.save_for_backward(x1, s1, b1, x2, s2, b2, weight, y)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        if mean is not None:
-            ctx.mark_non_differentiable(mean, m2)
-        return y, mean, m2
-
-    @staticmethod
-    def backward(ctx, gy, _gmean, _gm2):
-        x1, s1, b1, x2, s2, b2, weight, y = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        if _TRITON_BWD:
-            from bionet_fast.kernels.conv_bwd import conv3x3_dgrad, conv3x3_wgrad
-
-            dx1 = dx2 = ds1 = db1 = ds2 = db2 = dweight = dbias = None
-            if any(needs[:6]):
-                dx1, dx2, ds1, db1, ds2, db2 = conv3x3_dgrad(gy, y, weight, x1.shape[1], x1, x2, s1, s2)
-            if needs[6] or needs[7]:
-                dweight, dbias = conv3x3_wgrad(gy, y, x1, x2, s1, b1, s2, b2)
-        else:
-            dx1, ds1, db1, dx2, ds2, db2, dweight, dbias = _conv_relu_backward_torch(
-                gy, y, weight, x1, x2, s1, b1, s2, b2, needs)
-        dweight = None if dweight is None or not needs[6] else dweight.to(weight.dtype)
-        dbias = None if dbias is None or not needs[7] else dbias.to(ctx.bias_dtype)
-        grads = [dx1, ds1, db1, dx2, ds2, db2]
-        grads = [g if n else None for g, n in zip(grads, needs[:6])]
-        return (*grads, dweight, dbias, None, None, None)
-
-
-class BNStatsFn(torch.autograd.Function):
-    """Batch statistics of y as a differentiable function of y; updates running stats once.
-
-    forward(y (B,C,H,W), mean (C,), m2 (C,) (precomputed, non-differentiable), eps,
-            running_mean, running_var, num_batches_tracked (or None), momentum, update)
-        -> mean (C,), invstd (C,) = 1/sqrt(m2/N + eps).
-    backward: dy = g_mean/N + g_var * 2 (y - mean)/N with g_var = -g_invstd * invstd^3 / 2.
-    """
-
-    @staticmethod
-    def forward(ctx, y, mean, m2, eps, running_mean, running_var, nbt, momentum, update):
-        count = y.numel() // y.shape[1]
-        _, _, mean, invstd = bn_finalize(mean, m2, count, None, None, running_mean, running_var,
-                                         nbt, momentum, eps, update)
-        ctx.save_for_backward(y, mean, invstd)
-        return mean, invstd
-
-    @staticmethod
-    def backward(ctx, g_mean, g_invstd):
-        y, mean, invstd = ctx.saved_tensors
-        n = y.numel() // y.shape[1]
-        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
-        g_var = torch.zeros_like(mean) if g_invstd is None else -0.5 * g_invstd * invstd ** 3
-        alpha = 2.0 * g_var / n                   # coefficient of y
-        beta = g_mean / n - alpha * mean          # constant term
-        dy = torch.addcmul(beta.view(1, -1, 1, 1), y, alpha.view(1, -1, 1, 1)).to(y.dtype)
-        return dy, None, None, None, None, None, None, None, None
-
-
-class _SignedMaxPoolFn(torch.autograd.Function):
-    """max_pool2d(y * sgn, 2) for sgn (C,) = +-1: pooling BEFORE a per-channel affine whose scale
-    has sign sgn equals pooling after it. Saves nothing new (y is ConvReluFn's saved output):
-    the backward recomputes the argmax instead of keeping int64 indices alive."""
-
-    @staticmethod
-    def forward(ctx, y, sgn):
-        ctx.save_for_backward(y, sgn)
-        return F.max_pool2d(y * sgn.view(1, -1, 1, 1), 2)
-
-    @staticmethod
-    def backward(ctx, g):
-        y, sgn = ctx.saved_tensors
-        with torch.enable_grad():
-            yy = y.detach().requires_grad_(True)
-            out = F.max_pool2d(yy * sgn.view(1, -1, 1, 1), 2)
-            (dy,) = torch.autograd.grad(out, yy, g)
-        return dy, None
 
 
 def _check_conv(conv: nn.Module) -> None:
@@ -321,8 +165,11 @@ class FusedOps:
         """DOWN: conv3x3 -> ReLU -> BN -> 2x2 max-pool: (B, C, H, W) -> (B, C_out, H/2, W/2).
 
         Pooling is done on raw with per-channel sign of the scale (gamma may be negative), so the
-        result is max-pool(BN(y)) exactly while BN itself stays pending.
+        result is max-pool(BN(y)) exactly while BN itself stays pending. Training with grad goes
+        through DownFn, which does not keep the full-resolution y for backward (it recomputes it).
         """
+        if torch.is_grad_enabled() and (bn.training or bn.running_mean is None):
+            return self._down_recomputed(x, conv, bn)
         p = self.block([x], conv, bn)
 
         def signs():
@@ -333,8 +180,23 @@ class FusedOps:
             sgn, scale = self._memo(("down", p.raw.dtype), (p.scale,), signs)
         else:
             sgn, scale = signs()
-        pooled = _SignedMaxPoolFn.apply(p.raw, sgn)
+        pooled = SignedMaxPoolFn.apply(p.raw, sgn)
         return Pending(pooled, scale, p.shift)
+
+    def _down_recomputed(self, x: Pending, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Pending:
+        _check_conv(conv)
+        dt = self._dtype(x.raw)
+        gamma, beta = bn.weight, bn.bias
+        sgn = torch.ones(conv.out_channels, device=x.raw.device) if gamma is None else \
+            torch.where(gamma >= 0, 1.0, -1.0).detach()  # sign(gamma * invstd) = sign(gamma)
+        update = bn.running_mean is not None and bn.training and stats_update_enabled()
+        if update and self._cache is not None:
+            self._cache.clear()
+        pooled, mean, invstd = DownFn.apply(
+            x.raw.to(dt), x.scale, x.shift, conv.weight, conv.bias, sgn.to(dt), bn.eps, bn.running_mean,
+            bn.running_var, bn.num_batches_tracked, bn.momentum, update, self._packed(conv.weight, dt, x))
+        scale = invstd if gamma is None else gamma * invstd
+        return Pending(pooled, scale, -mean * scale if beta is None else beta - mean * scale)
 
     def up(self, x: Pending, conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> Pending:
         """UP: transposed conv (3, s2, p1, op1) -> ReLU -> BN: (B, C, H, W) -> (B, C_out, 2H, 2W).
@@ -342,10 +204,15 @@ class FusedOps:
         The transposed conv is PyTorch's (cuDNN) on the materialised input; the statistics come
         from the bn_stats kernel and BN stays pending."""
         dt = self._dtype(x.raw)
-        v = self.dense(x).to(dt)
-        z = F.conv_transpose2d(v, self._cast(conv.weight, dt), self._cast(conv.bias, dt), conv.stride, conv.padding,
-                               conv.output_padding, conv.groups, conv.dilation)
-        y = torch.relu_(z)  # conv_transpose2d's backward does not need its output: in place is safe
+        if tuple(conv.dilation) != (1, 1) or conv.groups != 1:
+            raise ValueError(f"FusedOps.up takes an nn.ConvTranspose2d without dilation or groups; got {conv!r}.")
+        if self._caching():  # inference: the cast weights are kept between calls
+            v = self.dense(x).to(dt)
+            y = torch.relu_(F.conv_transpose2d(v, self._cast(conv.weight, dt), self._cast(conv.bias, dt),
+                                               conv.stride, conv.padding, conv.output_padding))
+        else:
+            y = UpFn.apply(x.raw.to(dt), x.scale, x.shift, conv.weight, conv.bias, dt,
+                            tuple(conv.stride), tuple(conv.padding), tuple(conv.output_padding))
         return Pending(y, *self._bn_affine(y, None, None, bn))
 
     def dense(self, x: Pending) -> torch.Tensor:

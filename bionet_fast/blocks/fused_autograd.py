@@ -1,0 +1,280 @@
+"""Autograd functions of the fused backend: each fused block's forward and backward.
+
+An activation is a `Pending(raw, scale, shift)` whose value is raw * scale[c] + shift[c] (the
+producer's BatchNorm, deferred into its consumers: see blocks/fused.py). The functions:
+    ConvReluFn  (x1, s1, b1, x2, s2, b2, weight, bias) -> y, (mean, m2 non-differentiable)
+    BNStatsFn   (y; mean, m2 reused)                   -> batch mean, invstd  (analytic backward)
+    DownFn      DOWN's conv + ReLU + statistics + sign-aware 2x2 max-pool, y recomputed in backward
+    UpFn        UP's transposed conv + ReLU on a pending input, its input recomputed in backward
+Each saves what its backward cannot cheaply rebuild and nothing else: no concatenation, no
+normalised tensor, no materialised pending input.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from bionet_fast.kernels.bn_stats import bn_finalize
+from bionet_fast.kernels.conv_fwd import conv3x3_fwd
+
+# ConvReluFn.backward: bionet_fast.kernels.conv_bwd (default) or torch math (BIONET_FAST_TRITON_BWD=0).
+_TRITON_BWD = os.environ.get("BIONET_FAST_TRITON_BWD", "1") != "0"
+
+
+def set_triton_backward(enabled: bool) -> None:
+    """Route ConvReluFn.backward through bionet_fast.kernels.conv_bwd (True) or torch (False)."""
+    global _TRITON_BWD
+    _TRITON_BWD = bool(enabled)
+
+
+def triton_backward_enabled() -> bool:
+    """Whether the fused blocks' backward runs the Triton kernels (else torch math)."""
+    return _TRITON_BWD
+
+
+class Pending(NamedTuple):
+    """An activation with a deferred per-channel affine.
+
+    raw: (B, C, H, W), any layout (channels_last is the fast one).
+    scale, shift: (C,) fp32 (fp64 in float64 tests), or both None for the identity.
+    """
+
+    raw: torch.Tensor
+    scale: Optional[torch.Tensor] = None
+    shift: Optional[torch.Tensor] = None
+
+    def value(self) -> torch.Tensor:
+        """Materialise raw * scale + shift in raw's dtype (B, C, H, W); differentiable."""
+        if self.scale is None:
+            return self.raw
+        v = self.raw * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
+        return v.to(self.raw.dtype)
+
+
+def _affine(x: torch.Tensor, s: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> torch.Tensor:
+    """x * s + b per channel, in fp32 (or wider), rounded back to x's dtype as the kernel does."""
+    if s is None:
+        return x
+    return (x * s.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)).to(x.dtype)
+
+
+def _conv_relu_backward_torch(gy, y, weight, x1, x2, s1, b1, s2, b2, needs):
+    """Torch reference of the fused backward; same outputs as kernels.conv_bwd (dweight, dbias in
+    weight's dtype here). A = pad0(cat(affine(x1), affine(x2))) is recomputed, never saved."""
+    dz = gy * (y > 0)
+    c1 = x1.shape[1]
+    a = _affine(x1, s1, b1)
+    if x2 is not None:
+        a = torch.cat([a, _affine(x2, s2, b2)], dim=1)
+    w = weight.to(dz.dtype)
+    dx1 = ds1 = db1 = dx2 = ds2 = db2 = dweight = dbias = None
+    if any(needs[:6]):
+        da = torch.nn.grad.conv2d_input(a.shape, w, dz, padding=1)
+        halves = [(da[:, :c1], x1, s1)] + ([(da[:, c1:], x2, s2)] if x2 is not None else [])
+        grads = []
+        wide = torch.float64 if dz.dtype == torch.float64 else torch.float32
+        for da_k, x_k, s_k in halves:
+            dsum = (0, 2, 3)
+            ds_k = (da_k.to(wide) * x_k.to(wide)).sum(dsum).to(s_k.dtype) if s_k is not None else None
+            db_k = da_k.sum(dsum, dtype=wide).to(s_k.dtype) if s_k is not None else None
+            dx_k = (da_k * s_k.view(1, -1, 1, 1)).to(x_k.dtype) if s_k is not None else da_k
+            grads.append((dx_k, ds_k, db_k))
+        dx1, ds1, db1 = grads[0]
+        if x2 is not None:
+            dx2, ds2, db2 = grads[1]
+    if needs[6]:
+        dweight = torch.nn.grad.conv2d_weight(a, weight.shape, dz, padding=1).to(weight.dtype)
+    if needs[7]:
+        dbias = dz.sum((0, 2, 3), dtype=torch.float64 if dz.dtype == torch.float64 else torch.float32)
+    return dx1, ds1, db1, dx2, ds2, db2, dweight, dbias
+
+
+class ConvReluFn(torch.autograd.Function):
+    """y = relu(conv3x3(cat(pad0(x1*s1+b1), pad0(x2*s2+b2))) + bias), plus BN statistics of y.
+
+    forward(x1 (B,C1,H,W), s1, b1 (C1,)|None, x2 (B,C2,H,W)|None, s2, b2 (C2,)|None,
+            weight (Cout,C1+C2,3,3), bias (Cout,)|None, want_stats, packed_weight|None)
+        -> y (B,Cout,H,W) channels_last, mean (Cout,)|None, m2 (Cout,)|None (non-differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, x1, s1, b1, x2, s2, b2, weight, bias, want_stats=True, packed_weight=None,
+                folded=None):
+        y, mean, m2 = conv3x3_fwd(x1, weight, bias, x2, s1, b1, s2, b2, want_stats=want_stats,
+                                  packed_weight=packed_weight, folded=folded)
+        ctx.save_for_backward(x1, s1, b1, x2, s2, b2, weight, y)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if mean is not None:
+            ctx.mark_non_differentiable(mean, m2)
+        return y, mean, m2
+
+    @staticmethod
+    def backward(ctx, gy, _gmean, _gm2):
+        x1, s1, b1, x2, s2, b2, weight, y = ctx.saved_tensors
+        grads = conv_relu_backward(gy, y, weight, x1, x2, s1, b1, s2, b2, ctx.needs_input_grad[:8],
+                                   ctx.bias_dtype)
+        return (*grads, None, None, None)
+
+
+def conv_relu_backward(gy, y, weight, x1, x2, s1, b1, s2, b2, needs, bias_dtype):
+    """Gradients of ConvReluFn's inputs (x1, s1, b1, x2, s2, b2, weight, bias) given dL/dy (B,Co,H,W)
+    and y: Triton dgrad/wgrad kernels, or torch math with BIONET_FAST_TRITON_BWD=0. `needs`: which
+    of the eight are wanted (the others come back None)."""
+    if _TRITON_BWD:
+        from bionet_fast.kernels.conv_bwd import conv3x3_dgrad, conv3x3_wgrad
+
+        dx1 = dx2 = ds1 = db1 = ds2 = db2 = dweight = dbias = None
+        if any(needs[:6]):
+            dx1, dx2, ds1, db1, ds2, db2 = conv3x3_dgrad(gy, y, weight, x1.shape[1], x1, x2, s1, s2)
+        if needs[6] or needs[7]:
+            dweight, dbias = conv3x3_wgrad(gy, y, x1, x2, s1, b1, s2, b2)
+    else:
+        dx1, ds1, db1, dx2, ds2, db2, dweight, dbias = _conv_relu_backward_torch(
+            gy, y, weight, x1, x2, s1, b1, s2, b2, needs)
+    dweight = None if dweight is None or not needs[6] else dweight.to(weight.dtype)
+    dbias = None if dbias is None or not needs[7] else dbias.to(bias_dtype)
+    grads = [dx1, ds1, db1, dx2, ds2, db2]
+    return [g if n else None for g, n in zip(grads, needs[:6])] + [dweight, dbias]
+
+
+class BNStatsFn(torch.autograd.Function):
+    """Batch statistics of y as a differentiable function of y; updates running stats once.
+
+    forward(y (B,C,H,W), mean (C,), m2 (C,) (precomputed, non-differentiable), eps,
+            running_mean, running_var, num_batches_tracked (or None), momentum, update)
+        -> mean (C,), invstd (C,) = 1/sqrt(m2/N + eps).
+    backward: dy = g_mean/N + g_var * 2 (y - mean)/N with g_var = -g_invstd * invstd^3 / 2.
+    """
+
+    @staticmethod
+    def forward(ctx, y, mean, m2, eps, running_mean, running_var, nbt, momentum, update):
+        count = y.numel() // y.shape[1]
+        _, _, mean, invstd = bn_finalize(mean, m2, count, None, None, running_mean, running_var,
+                                         nbt, momentum, eps, update)
+        ctx.save_for_backward(y, mean, invstd)
+        return mean, invstd
+
+    @staticmethod
+    def backward(ctx, g_mean, g_invstd):
+        y, mean, invstd = ctx.saved_tensors
+        return stats_backward(y, mean, invstd, g_mean, g_invstd), None, None, None, None, None, None, None, None
+
+
+def stats_backward(y, mean, invstd, g_mean, g_invstd) -> torch.Tensor:
+    """dL/dy (B,C,H,W) from dL/dmean and dL/dinvstd (C,) (either may be None) of y's batch statistics."""
+    n = y.numel() // y.shape[1]
+    g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
+    g_var = torch.zeros_like(mean) if g_invstd is None else -0.5 * g_invstd * invstd ** 3
+    alpha = 2.0 * g_var / n                   # coefficient of y
+    beta = g_mean / n - alpha * mean          # constant term
+    return torch.addcmul(beta.view(1, -1, 1, 1), y, alpha.view(1, -1, 1, 1)).to(y.dtype)
+
+
+class SignedMaxPoolFn(torch.autograd.Function):
+    """max_pool2d(y * sgn, 2) for sgn (C,) = +-1: pooling BEFORE a per-channel affine whose scale
+    has sign sgn equals pooling after it. Saves nothing new (y is ConvReluFn's saved output):
+    the backward recomputes the argmax instead of keeping int64 indices alive."""
+
+    @staticmethod
+    def forward(ctx, y, sgn):
+        ctx.save_for_backward(y, sgn)
+        return F.max_pool2d(y * sgn.view(1, -1, 1, 1), 2)
+
+    @staticmethod
+    def backward(ctx, g):
+        y, sgn = ctx.saved_tensors
+        return signed_pool_backward(y, sgn, g), None
+
+
+def signed_pool_backward(y, sgn, g) -> torch.Tensor:
+    """dL/dy of max_pool2d(y * sgn, 2) given dL/dpooled g: the argmax is recomputed, not stored."""
+    with torch.enable_grad():
+        yy = y.detach().requires_grad_(True)
+        out = F.max_pool2d(yy * sgn.view(1, -1, 1, 1), 2)
+        (dy,) = torch.autograd.grad(out, yy, g)
+    return dy
+
+
+class UpFn(torch.autograd.Function):
+    """UP's transposed conv + ReLU on a pending input: relu(conv_transpose2d(raw*s + b, W, bias)).
+
+    forward(raw (B,C,H,W), scale, shift (C,)|None, weight (C,Co,3,3), bias (Co,)|None, dtype,
+            stride, padding, output_padding) -> y (B,Co,2H,2W) in dtype.
+    Saves raw (another block's output, alive anyway), y and the parameters: not the materialised
+    input, which autograd would keep for the weight gradient (a whole activation per UP per
+    iteration), nor a per-iteration cast copy of the weight. The backward recomputes the input
+    (one elementwise pass) and calls the transposed conv's own backward (cuDNN on the GPU).
+    """
+
+    @staticmethod
+    def forward(ctx, raw, scale, shift, weight, bias, dtype, stride, padding, output_padding):
+        v = Pending(raw, scale, shift).value().to(dtype)
+        w = weight.to(dtype)
+        z = F.conv_transpose2d(v, w, None if bias is None else bias.to(dtype), stride, padding, output_padding)
+        y = torch.relu_(z)
+        ctx.save_for_backward(raw, scale, shift, weight, y)
+        ctx.conf = (dtype, stride, padding, output_padding, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        raw, scale, shift, weight, y = ctx.saved_tensors
+        dtype, stride, padding, output_padding, has_bias = ctx.conf
+        need_raw, need_s, need_b, need_w, need_bias = ctx.needs_input_grad[:5]
+        dz = (gy * (y > 0)).to(dtype)
+        v = Pending(raw, scale, shift).value().to(dtype)
+        dv, dw, dbias = torch.ops.aten.convolution_backward(
+            dz, v, weight.to(dtype), [weight.shape[1]] if has_bias else None, list(stride), list(padding),
+            [1, 1], True, list(output_padding), 1, [need_raw or need_s or need_b, need_w, need_bias and has_bias])
+        draw = dscale = dshift = None
+        if dv is not None and scale is not None:
+            wide = torch.float64 if dv.dtype == torch.float64 else torch.float32
+            draw = (dv * scale.view(1, -1, 1, 1)).to(raw.dtype) if need_raw else None
+            dscale = (dv.to(wide) * raw.to(wide)).sum((0, 2, 3)).to(scale.dtype) if need_s else None
+            dshift = dv.sum((0, 2, 3), dtype=wide).to(shift.dtype) if need_b else None
+        elif dv is not None:
+            draw = dv.to(raw.dtype)
+        dw = None if dw is None else dw.to(weight.dtype)
+        dbias = None if dbias is None or not need_bias else dbias.to(weight.dtype)
+        return draw, dscale, dshift, dw, dbias, None, None, None, None
+
+
+class DownFn(torch.autograd.Function):
+    """DOWN with its conv output recomputed: y = relu(conv3x3(pad0(x*s + b)) + bias), batch
+    statistics of y (running statistics updated once, as BNStatsFn), pooled = max_pool2d(y * sgn, 2).
+
+    forward(x (B,C,H,W), s, b (C,)|None, weight (Co,C,3,3), bias (Co,)|None, sgn (Co,) = sign of
+            gamma, eps, running_mean, running_var, num_batches_tracked, momentum, update, packed)
+        -> pooled (B,Co,H/2,W/2) (raw, before the pending BatchNorm), mean (Co,), invstd (Co,).
+    DOWN's y is the largest tensor of its level (twice the channels at the level's resolution);
+    keeping only x (another block's output, alive anyway) and the pooled result cuts what an
+    iteration saves by about a quarter, for one more conv forward (no statistics) in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, s, b, weight, bias, sgn, eps, running_mean, running_var, nbt, momentum,
+                update, packed=None):
+        y, mean, m2 = conv3x3_fwd(x, weight, bias, None, s, b, want_stats=True, packed_weight=packed)
+        count = y.numel() // y.shape[1]
+        _, _, mean, invstd = bn_finalize(mean, m2, count, None, None, running_mean, running_var,
+                                         nbt, momentum, eps, update)
+        pooled = F.max_pool2d(y * sgn.view(1, -1, 1, 1), 2) * sgn.view(1, -1, 1, 1)
+        ctx.save_for_backward(x, s, b, weight, bias, sgn, mean, invstd)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return pooled, mean, invstd
+
+    @staticmethod
+    def backward(ctx, g_pooled, g_mean, g_invstd):
+        x, s, b, weight, bias, sgn, mean, invstd = ctx.saved_tensors
+        y, _, _ = conv3x3_fwd(x, weight, bias, None, s, b, want_stats=False)  # bitwise the forward's y
+        gy = stats_backward(y, mean, invstd, g_mean, g_invstd)
+        if g_pooled is not None:
+            gy = gy + signed_pool_backward(y, sgn, g_pooled * sgn.view(1, -1, 1, 1))
+        needs = ctx.needs_input_grad
+        grads = conv_relu_backward(gy, y, weight, x, None, s, b, None, None,
+                                   (*needs[:3], False, False, False, *needs[3:5]), ctx.bias_dtype)
+        dx, ds, db, _, _, _, dweight, dbias = grads
+        return dx, ds, db, dweight, dbias, None, None, None, None, None, None, None, None

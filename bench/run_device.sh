@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark of bench/ in one command, within ~6 minutes on an H100 or H200:
 #   bash bench/run_device.sh OUTDIR [--quick] [--no-compile] [--max-autotune] [--budget SECONDS]
-# Writes OUTDIR/results.md (printed last), OUTDIR/results.json and OUTDIR/*.png.
+# Writes OUTDIR/results.md (printed last), OUTDIR/results.json, OUTDIR/*.png and, on a GPU,
+# OUTDIR/saved_bytes.md (what a training forward keeps per iteration, fused vs reference).
 # Without CUDA it runs the tiny CPU profile end to end (the dry run: under 2 minutes).
 # The package need not be installed: this script puts the checkout on PYTHONPATH and installs it
 # in editable mode (no dependencies, no network) so that kernels/ imports as bionet_fast.kernels.
@@ -30,6 +31,14 @@ elif "$PY" -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -n 
     echo "installed bionet_fast in editable mode ($(( $(date +%s) - START )) s)"
 else
     echo "WARNING: pip install -e . failed; bench/harness.py loads kernels/ as bionet_fast.kernels itself"
+fi
+
+# Saved activations per iteration, fused vs reference (issue 6), at 512x512 x1.0 on the GPU: pinned
+# kernel configs (no autotuning: the bytes do not depend on them). Counted against the budget.
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    BIONET_FAST_AUTOTUNE=0 timeout 90 "$PY" -m bench.saved_bytes --device cuda --size 512 --multiplier 1.0 \
+        > "$OUTDIR/saved_bytes.md" 2>&1
+    echo "saved_bytes (exit $?, $(( $(date +%s) - START )) s):"; cat "$OUTDIR/saved_bytes.md"
 fi
 
 "$PY" -u -m bench.device_bench "$OUTDIR" --started-at "$START" "$@"

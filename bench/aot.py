@@ -327,7 +327,7 @@ def _tl_name(dt) -> str:
 def configs(kernel: str, dtype: str, channels: tuple, all_configs: bool) -> list:
     """GPU configs [(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)] the autotuner of a GEMM kernel
     would try at these channels, after its early_config_prune. all_configs False: the table of a run
-    with BIONET_FAST_AUTOTUNE=0 (conv_fwd pins one config; the backward kernels have no pin)."""
+    with BIONET_FAST_AUTOTUNE=0 (one pinned config per kernel)."""
     import torch
 
     dt = _torch_dtype(dtype)

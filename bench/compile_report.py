@@ -10,8 +10,8 @@ SHARED_LIMIT bytes of shared memory fails at launch on H100/H200 with OutOfResou
 skips it while benchmarking; a config that is the only one left crashes); spills cost speed.
 Exits 1 when a config is over the limit or fails to compile.
 
-Default: the configs of a run with BIONET_FAST_AUTOTUNE=0 (conv_fwd pins one; the backward kernels
-have no pin and try their whole table). --all-configs: every config of the autotune tables.
+Default: the configs of a run with BIONET_FAST_AUTOTUNE=0 (one pinned config per GEMM kernel).
+--all-configs: every config of the autotune tables.
 Identical compiles (same config, signature and specialisation) are done once; the layers column
 lists every layer that shares one.
 """

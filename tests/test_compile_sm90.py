@@ -3,8 +3,7 @@
 The CPU suite runs the kernels in Triton's interpreter, which never lowers them; this file compiles
 them ahead of time (bench/aot.py: worker processes without TRITON_INTERPRET) in the GPU
 configuration of a real launch: GPU constexprs (TF32 dots for fp32, no interpreter upcast), the
-autotune config that BIONET_FAST_AUTOTUNE=0 pins (the first after the prune for the backward kernels,
-which have no pin), BiO-Net x1.0 decoder channels (64 + 64 -> 64), channels_last strides.
+autotune config that BIONET_FAST_AUTOTUNE=0 pins, BiO-Net x1.0 decoder channels (64 + 64 -> 64), channels_last strides.
 `python -m bench.compile_report` compiles every autotune config at every layer of the model.
 """
 from __future__ import annotations
@@ -22,10 +21,10 @@ from bench.aot import GEMMS, KERNELS, SHARED_LIMIT, Job, launched_kernels, run_j
 
 CASES = [(k, d) for k, spec in KERNELS.items() for d in spec.dtypes]
 GEMM_CASES = [c for c in CASES if c[0] in GEMMS]
-# Pinned configs that the ptxas bundled with Triton 3.9 (CUDA 12.9) compiles with spills: reported
-# as warnings, not asserted. dgrad (128, 64, 32) w4 s4 spills 24 B in bf16/fp16 and 236 B in fp32,
-# wgrad (64, 64, 64) w4 s3 84 B in fp32. Every other GEMM case must stay spill-free.
-KNOWN_SPILLS = {("dgrad", "bf16"), ("dgrad", "fp16"), ("dgrad", "fp32"), ("wgrad", "fp32")}
+# Pinned configs (BIONET_FAST_AUTOTUNE=0) that the ptxas bundled with Triton 3.9 (CUDA 12.9)
+# compiles with spills: reported as warnings, not asserted. wgrad (128, 64, 64) w8 s3 with two
+# fp32 inputs spills 28 B. Every other GEMM case must stay spill-free.
+KNOWN_SPILLS = {("wgrad", "fp32")}
 
 
 def _ids(cases):

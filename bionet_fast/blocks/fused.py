@@ -14,6 +14,7 @@ and (C,) vectors; no concatenation, no normalised tensor, no materialised pendin
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -27,6 +28,10 @@ from . import stats_update_enabled
 from .fused_autograd import (BNStatsFn, ConvReluFn, DownFn, Pending, SignedMaxPoolFn, UpFn,  # noqa: F401
                              set_triton_backward, triton_backward_enabled)
 from .inference_cache import InferenceCache
+
+# DOWN recomputes its full-resolution output in backward (DownFn): a quarter less saved per iteration
+# for one more conv forward per level. BIONET_FAST_RECOMPUTE_DOWN=0 keeps it instead (speed over memory).
+RECOMPUTE_DOWN = os.environ.get("BIONET_FAST_RECOMPUTE_DOWN", "1") != "0"
 
 
 def _check_conv(conv: nn.Module) -> None:
@@ -168,7 +173,7 @@ class FusedOps:
         result is max-pool(BN(y)) exactly while BN itself stays pending. Training with grad goes
         through DownFn, which does not keep the full-resolution y for backward (it recomputes it).
         """
-        if torch.is_grad_enabled() and (bn.training or bn.running_mean is None):
+        if RECOMPUTE_DOWN and torch.is_grad_enabled() and (bn.training or bn.running_mean is None):
             return self._down_recomputed(x, conv, bn)
         p = self.block([x], conv, bn)
 

@@ -64,16 +64,28 @@ def _recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib
     return contextlib.nullcontext(), no_stats_update()
 
 
-def _checkpointed(fn: Callable, *args: Any) -> Any:
+def _checkpointed(fn: Callable, *args: Any, traceable: bool = True) -> Any:
     """Non-reentrant checkpoint of fn(*args), where args may nest tensors in lists or tuples.
 
     The tensors are passed as flat positional arguments: checkpoint hands only those to its parent
     (a nested checkpoint then drops them) and would keep tensors inside containers alive itself.
+    traceable: whether torch.compile can trace fn (the reference blocks can; the fused ones are
+    opaque to it, so Dynamo runs such a checkpoint eagerly, where context_fn is what keeps the
+    running statistics from a second update).
     """
     leaves, spec = tree_flatten(args)
     flat = lambda *xs: fn(*tree_unflatten(list(xs), spec))  # noqa: E731
+    if traceable and torch.compiler.is_compiling():
+        # Under torch.compile the recomputation is part of the compiled backward graph, which does
+        # not replay the forward's buffer mutations (and context_fn must be dispatch modes there).
+        return checkpoint(flat, *leaves, use_reentrant=False, preserve_rng_state=False)
     return checkpoint(flat, *leaves, use_reentrant=False, preserve_rng_state=False,
                       context_fn=_recompute_contexts)
+
+
+def _ckpt(ops, fn: Callable, *args: Any) -> Any:
+    """_checkpointed(fn, *args) for blocks of backend `ops` (torch.compile traces only the reference)."""
+    return _checkpointed(fn, *args, traceable=ops.name == "reference")
 
 
 class BiONet(nn.Module):
@@ -193,9 +205,9 @@ class BiONet(nn.Module):
             self.inference_cache.clear()
         ops = self._ops(x.device)
         stages = self._checkpointing() and self.config.checkpoint_stages
-        x0 = _checkpointed(self._stem, ops, x) if stages else self._stem(ops, x)
+        x0 = _ckpt(ops, self._stem, ops, x) if stages else self._stem(ops, x)
         outs = self._recurrence(ops, x0)
-        return _checkpointed(self._head, ops, *outs) if stages else self._head(ops, *outs)
+        return _ckpt(ops, self._head, ops, *outs) if stages else self._head(ops, *outs)
 
     def _stem(self, ops, x: torch.Tensor):
         """First stage: three conv blocks and a 2x2 max-pool: (B, Cin, H, W) -> (B, c0, H/2, W/2)."""
@@ -229,7 +241,7 @@ class BiONet(nn.Module):
         outs, backs = [], None
         for group in groups:
             run = lambda x, b, g=group: self._segment(ops, g, ckpt, x, b)  # noqa: E731
-            seg_outs, backs = _checkpointed(run, x0, backs) if ckpt and len(group) > 1 else run(x0, backs)
+            seg_outs, backs = _ckpt(ops, run, x0, backs) if ckpt and len(group) > 1 else run(x0, backs)
             outs.extend(seg_outs)
         return [o for o in outs if o is not None]
 
@@ -237,7 +249,7 @@ class BiONet(nn.Module):
         outs = []
         for i in group:
             step = lambda x, b, i=i: self._iteration(ops, i, x, b)  # noqa: E731
-            out, backs = _checkpointed(step, x0, backs) if ckpt else step(x0, backs)
+            out, backs = _ckpt(ops, step, x0, backs) if ckpt else step(x0, backs)
             outs.append(out)
         return outs, backs
 

@@ -50,7 +50,7 @@ def test_gradients_and_running_stats_equal_the_plain_step(name):
 def test_checkpointing_only_while_training_with_grad(monkeypatch):
     calls = []
     original = model_module._checkpointed
-    monkeypatch.setattr(model_module, "_checkpointed", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(model_module, "_checkpointed", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     model = BiONet(iterations=3, multiplier=0.25, depth=2, checkpoint_iters=True)
     x = torch.randn(1, 3, 32, 32)
     model.eval()(x)

@@ -1,5 +1,5 @@
-"""Checkpointing composes with autocast, channels_last and (on a GPU) CUDA-graph capture of a whole
-train step. The CPU tests are the interpreter-free twins of the CUDA ones."""
+"""Checkpointing composes with autocast, channels_last, torch.compile (both backends) and (on a GPU)
+CUDA-graph capture of a whole train step. The CPU tests are the interpreter-free twins of the CUDA ones."""
 from __future__ import annotations
 
 import copy
@@ -84,3 +84,31 @@ def test_checkpointed_train_step_captures_in_one_cuda_graph():
     eager = train_losses(copy.deepcopy(base), x, y, 4, graph=False)
     graphed = train_losses(copy.deepcopy(base), x, y, 4, graph=True)
     assert graphed == pytest.approx(eager, rel=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_keeps_working(backend):
+    """torch.compile (Dynamo + AOTAutograd; "aot_eager" needs no C++ compiler) of a checkpointed
+    model: same loss, gradients, running statistics and eval output as eager. The fused blocks are
+    opaque to Dynamo (they launch their own kernels), so the compiled model runs them as they are."""
+    torch.manual_seed(0)
+    eager = BiONet(iterations=2, multiplier=0.25, depth=1, checkpoint_iters=True, backend=backend)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 8)
+    y = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    losses = []
+    for m in (compiled, eager):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(m(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    for (k, a), (_, b) in zip(eager.named_parameters(), model.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), k
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=k)
+    for (k, a), (_, b) in zip(eager.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(b, a, msg=k)
+    eager.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)

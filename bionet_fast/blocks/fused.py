@@ -29,6 +29,11 @@ from .fused_autograd import (BNStatsFn, ConvReluFn, DownFn, Pending, SignedMaxPo
                              set_triton_backward, triton_backward_enabled)
 from .inference_cache import InferenceCache
 
+# torch.compile does not trace into the fused blocks: they launch their own (autotuned) Triton
+# kernels and keep per-call state (the inference cache); Dynamo runs them as they are, between the
+# graphs it compiles around them. The fused path does not need Inductor, and CUDA graphs capture it.
+_opaque_to_compile = torch.compiler.disable
+
 # DOWN recomputes its full-resolution output in backward (DownFn): a quarter less saved per iteration
 # for one more conv forward per level. BIONET_FAST_RECOMPUTE_DOWN=0 keeps it instead (speed over memory).
 RECOMPUTE_DOWN = os.environ.get("BIONET_FAST_RECOMPUTE_DOWN", "1") != "0"
@@ -150,6 +155,7 @@ class FusedOps:
         return scale, (-mean * scale if beta is None else beta - mean * scale)
 
     # --- the Ops interface ----------------------------------------------------------------------
+    @_opaque_to_compile
     def block(self, xs: Sequence[Pending], conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Pending:
         """cat(xs) (B, sum C_i, H, W) -> conv3x3 -> ReLU -> BN, BN left pending: (B, C_out, H, W)."""
         if len(xs) not in (1, 2):
@@ -166,6 +172,7 @@ class FusedOps:
             x2.scale, x2.shift, conv.weight, conv.bias, want, packed, folded)
         return Pending(y, *self._bn_affine(y, mean, m2, bn))
 
+    @_opaque_to_compile
     def down(self, x: Pending, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Pending:
         """DOWN: conv3x3 -> ReLU -> BN -> 2x2 max-pool: (B, C, H, W) -> (B, C_out, H/2, W/2).
 
@@ -203,6 +210,7 @@ class FusedOps:
         scale = invstd if gamma is None else gamma * invstd
         return Pending(pooled, scale, -mean * scale if beta is None else beta - mean * scale)
 
+    @_opaque_to_compile
     def up(self, x: Pending, conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> Pending:
         """UP: transposed conv (3, s2, p1, op1) -> ReLU -> BN: (B, C, H, W) -> (B, C_out, 2H, 2W).
 

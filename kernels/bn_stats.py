@@ -216,3 +216,52 @@ def bn_eval_affine(gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
         gamma if has_affine else running_mean, beta if has_affine else running_mean,
         running_mean, running_var, scale, shift, c, float(eps), HAS_AFFINE=has_affine, BLOCK_C=256)
     return scale, shift
+
+
+@triton.jit
+def _affine_grad_kernel(gs_ptr, gb_ptr, mean_ptr, invstd_ptr, gamma_ptr,
+                        alpha_ptr, beta_ptr, ggamma_ptr, gbeta_ptr, C, count,
+                        HAS_GS: tl.constexpr, HAS_GB: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = offs < C
+    mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
+    invstd = tl.load(invstd_ptr + offs, mask=mask, other=0.0)
+    gs = tl.zeros_like(mean)
+    gb = tl.zeros_like(mean)
+    g = tl.zeros_like(mean) + 1.0
+    if HAS_GS:
+        gs = tl.load(gs_ptr + offs, mask=mask, other=0.0)
+    if HAS_GB:
+        gb = tl.load(gb_ptr + offs, mask=mask, other=0.0)
+    if HAS_GAMMA:
+        g = tl.load(gamma_ptr + offs, mask=mask, other=0.0)
+    t = gs - gb * mean
+    g_mean = -gb * g * invstd
+    g_invstd = g * t
+    alpha = -g_invstd * invstd * invstd * invstd / count
+    tl.store(alpha_ptr + offs, alpha, mask=mask)
+    tl.store(beta_ptr + offs, g_mean / count - alpha * mean, mask=mask)
+    tl.store(ggamma_ptr + offs, invstd * t, mask=mask)
+    tl.store(gbeta_ptr + offs, gb, mask=mask)
+
+
+def bn_affine_backward(g_scale: Optional[torch.Tensor], g_shift: Optional[torch.Tensor],
+                       mean: torch.Tensor, invstd: torch.Tensor, gamma: Optional[torch.Tensor],
+                       count: int):
+    """Backward of the batch affine scale = gamma*invstd, shift = beta - mean*scale, with mean and
+    invstd = 1/sqrt(var + eps) the batch statistics of y over count = B*H*W values per channel.
+
+    Args: g_scale, g_shift (C,) or None (zero); mean, invstd (C,) from bn_finalize; gamma (C,) or
+        None (affine=False: gamma = 1).
+    Returns (C,) each, in mean's dtype (one launch): alpha, beta_c such that
+        dL/dy = alpha[c] * y + beta_c[c]   (the whole gradient through the statistics),
+    and dL/dgamma, dL/dbeta.
+    """
+    c = mean.numel()
+    alpha, beta_c, g_gamma, g_beta = (torch.empty_like(mean) for _ in range(4))
+    _affine_grad_kernel[(triton.cdiv(c, 256),)](
+        g_scale if g_scale is not None else mean, g_shift if g_shift is not None else mean, mean, invstd,
+        gamma if gamma is not None else mean, alpha, beta_c, g_gamma, g_beta, c, float(count),
+        HAS_GS=g_scale is not None, HAS_GB=g_shift is not None, HAS_GAMMA=gamma is not None, BLOCK_C=256)
+    return alpha, beta_c, g_gamma, g_beta

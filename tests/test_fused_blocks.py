@@ -18,7 +18,7 @@ from torch import nn  # noqa: E402
 
 from bionet_fast.blocks import no_stats_update  # noqa: E402
 from bionet_fast.blocks import fused  # noqa: E402
-from bionet_fast.blocks.fused import BNStatsFn, ConvReluFn, FusedOps, Pending  # noqa: E402
+from bionet_fast.blocks.fused import BNAffineFn, ConvReluFn, FusedOps, Pending  # noqa: E402
 
 CUDA = torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1"
 DEV = "cuda" if CUDA else "cpu"
@@ -148,15 +148,19 @@ def test_conv_relu_fn_gradcheck():
                                     fast_mode=True)
 
 
-def test_bn_stats_fn_gradcheck():
+@pytest.mark.parametrize("affine", [True, False], ids=["gamma-beta", "no-affine"])
+def test_bn_affine_fn_gradcheck(affine):
+    """BNAffineFn's analytic backward (the bn_affine_backward kernel) by gradcheck: y, gamma, beta."""
     from bionet_fast.kernels.bn_stats import bn_stats
-    y = torch.rand(2, 3, 3, 2, dtype=torch.float64, device=DEV, requires_grad=True)
+    d = dict(dtype=torch.float64, device=DEV, requires_grad=True)
+    y = torch.rand(2, 3, 3, 2, **d)
+    gamma, beta = (torch.randn(3, **d), torch.randn(3, **d)) if affine else (None, None)
 
-    def fn(y):
+    def fn(y, *gb):
         mean, m2, _ = bn_stats(y.detach())
-        return BNStatsFn.apply(y, mean, m2, 1e-5, None, None, None, 0.1, False)
+        return BNAffineFn.apply(y, mean, m2, *(gb or (None, None)), 1e-5, None, None, None, 0.1, False)
 
-    assert torch.autograd.gradcheck(fn, (y,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(fn, (y, gamma, beta) if affine else (y,), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["block", "down"])

@@ -6,9 +6,9 @@ is applied by the next conv as it loads its input (kernels.conv_fwd), by `dense`
 transposed conv of UP. The statistics come out of the conv's epilogue, so a block reads its inputs
 once and writes its output once.
 
-Autograd (blocks/fused_autograd.py): ConvReluFn (conv + ReLU + statistics), BNStatsFn (batch
-mean and invstd as functions of y), DownFn, UpFn; then scale = gamma * invstd and
-shift = beta - mean * scale in plain torch on (C,) vectors, so gamma and beta get their gradients.
+Autograd (blocks/fused_autograd.py): ConvReluFn (conv + ReLU + statistics), BNAffineFn (the
+batch affine scale = gamma * invstd, shift = beta - mean * scale as a function of y, gamma, beta),
+DownFn, UpFn.
 What a training forward keeps: each block's ReLU output (not DOWN's, recomputed), pooled outputs
 and (C,) vectors; no concatenation, no normalised tensor, no materialised pending input.
 """
@@ -25,7 +25,7 @@ from bionet_fast.kernels.bn_stats import bn_eval_affine, bn_finalize, bn_stats
 from bionet_fast.kernels.conv_fwd import fold_affine, pack_weight
 
 from . import stats_update_enabled
-from .fused_autograd import (BNStatsFn, ConvReluFn, DownFn, Pending, SignedMaxPoolFn, UpFn,  # noqa: F401
+from .fused_autograd import (BNAffineFn, ConvReluFn, DownFn, Pending, SignedMaxPoolFn, UpFn,  # noqa: F401
                              set_triton_backward, triton_backward_enabled)
 from .inference_cache import InferenceCache
 
@@ -149,10 +149,8 @@ class FusedOps:
                                              bn.running_var, bn.num_batches_tracked, bn.momentum,
                                              bn.eps, update)
             return scale, shift
-        mean, invstd = BNStatsFn.apply(y, mean, m2, bn.eps, bn.running_mean, bn.running_var,
-                                       bn.num_batches_tracked, bn.momentum, update)
-        scale = invstd if gamma is None else gamma * invstd
-        return scale, (-mean * scale if beta is None else beta - mean * scale)
+        return BNAffineFn.apply(y, mean, m2, gamma, beta, bn.eps, bn.running_mean, bn.running_var,
+                                bn.num_batches_tracked, bn.momentum, update)
 
     # --- the Ops interface ----------------------------------------------------------------------
     @_opaque_to_compile
@@ -204,11 +202,11 @@ class FusedOps:
         update = bn.running_mean is not None and bn.training and stats_update_enabled()
         if update and self._cache is not None:
             self._cache.clear()
-        pooled, mean, invstd = DownFn.apply(
-            x.raw.to(dt), x.scale, x.shift, conv.weight, conv.bias, sgn.to(dt), bn.eps, bn.running_mean,
-            bn.running_var, bn.num_batches_tracked, bn.momentum, update, self._packed(conv.weight, dt, x))
-        scale = invstd if gamma is None else gamma * invstd
-        return Pending(pooled, scale, -mean * scale if beta is None else beta - mean * scale)
+        pooled, scale, shift = DownFn.apply(
+            x.raw.to(dt), x.scale, x.shift, conv.weight, conv.bias, gamma, beta, sgn.to(dt), bn.eps,
+            bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, update,
+            self._packed(conv.weight, dt, x))
+        return Pending(pooled, scale, shift)
 
     @_opaque_to_compile
     def up(self, x: Pending, conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> Pending:

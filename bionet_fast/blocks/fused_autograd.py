@@ -3,7 +3,7 @@
 An activation is a `Pending(raw, scale, shift)` whose value is raw * scale[c] + shift[c] (the
 producer's BatchNorm, deferred into its consumers: see blocks/fused.py). The functions:
     ConvReluFn  (x1, s1, b1, x2, s2, b2, weight, bias) -> y, (mean, m2 non-differentiable)
-    BNStatsFn   (y; mean, m2 reused)                   -> batch mean, invstd  (analytic backward)
+    BNAffineFn  (y, gamma, beta; mean, m2 reused)      -> scale, shift of the batch BatchNorm
     DownFn      DOWN's conv + ReLU + statistics + sign-aware 2x2 max-pool, y recomputed in backward
     UpFn        UP's transposed conv + ReLU on a pending input, its input recomputed in backward
 Each saves what its backward cannot cheaply rebuild and nothing else: no concatenation, no
@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from bionet_fast.kernels.bn_stats import bn_finalize
+from bionet_fast.kernels.bn_stats import bn_affine_backward, bn_finalize
 from bionet_fast.kernels.conv_fwd import conv3x3_fwd
 
 # ConvReluFn.backward: bionet_fast.kernels.conv_bwd (default) or torch math (BIONET_FAST_TRITON_BWD=0).
@@ -109,11 +109,14 @@ class ConvReluFn(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         if mean is not None:
             ctx.mark_non_differentiable(mean, m2)
+        ctx.set_materialize_grads(False)
         return y, mean, m2
 
     @staticmethod
     def backward(ctx, gy, _gmean, _gm2):
         x1, s1, b1, x2, s2, b2, weight, y = ctx.saved_tensors
+        if gy is None:  # grads are not materialised (no zero tensors for mean and m2 either)
+            return (None,) * 11
         grads = conv_relu_backward(gy, y, weight, x1, x2, s1, b1, s2, b2, ctx.needs_input_grad[:8],
                                    ctx.bias_dtype)
         return (*grads, None, None, None)
@@ -140,37 +143,43 @@ def conv_relu_backward(gy, y, weight, x1, x2, s1, b1, s2, b2, needs, bias_dtype)
     return [g if n else None for g, n in zip(grads, needs[:6])] + [dweight, dbias]
 
 
-class BNStatsFn(torch.autograd.Function):
-    """Batch statistics of y as a differentiable function of y; updates running stats once.
+class BNAffineFn(torch.autograd.Function):
+    """BatchNorm's batch affine of y as a differentiable function of y, gamma and beta; updates the
+    running statistics once.
 
-    forward(y (B,C,H,W), mean (C,), m2 (C,) (precomputed, non-differentiable), eps,
-            running_mean, running_var, num_batches_tracked (or None), momentum, update)
-        -> mean (C,), invstd (C,) = 1/sqrt(m2/N + eps).
-    backward: dy = g_mean/N + g_var * 2 (y - mean)/N with g_var = -g_invstd * invstd^3 / 2.
+    forward(y (B,C,H,W), mean (C,), m2 (C,) (from the conv's epilogue, non-differentiable),
+            gamma, beta (C,) or None, eps, running_mean, running_var, num_batches_tracked (or None),
+            momentum, update)
+        -> scale = gamma * invstd, shift = beta - mean * scale (C,), invstd = 1/sqrt(m2/N + eps).
+    One finalize launch forward; backward one launch for the (C,) coefficients and one pass over y
+    (dL/dy = alpha * y + beta_c), instead of a dozen small torch ops per block.
     """
 
     @staticmethod
-    def forward(ctx, y, mean, m2, eps, running_mean, running_var, nbt, momentum, update):
+    def forward(ctx, y, mean, m2, gamma, beta, eps, running_mean, running_var, nbt, momentum, update):
         count = y.numel() // y.shape[1]
-        _, _, mean, invstd = bn_finalize(mean, m2, count, None, None, running_mean, running_var,
-                                         nbt, momentum, eps, update)
-        ctx.save_for_backward(y, mean, invstd)
-        return mean, invstd
+        scale, shift, mean, invstd = bn_finalize(mean, m2, count, gamma, beta, running_mean, running_var,
+                                                 nbt, momentum, eps, update)
+        ctx.save_for_backward(y, mean, invstd, gamma)
+        ctx.set_materialize_grads(False)  # an unused scale or shift needs no zero tensor
+        return scale, shift
 
     @staticmethod
-    def backward(ctx, g_mean, g_invstd):
-        y, mean, invstd = ctx.saved_tensors
-        return stats_backward(y, mean, invstd, g_mean, g_invstd), None, None, None, None, None, None, None, None
+    def backward(ctx, g_scale, g_shift):
+        y, mean, invstd, gamma = ctx.saved_tensors
+        dy, g_gamma, g_beta = affine_backward(y, mean, invstd, gamma, g_scale, g_shift, ctx.needs_input_grad[0])
+        needs = ctx.needs_input_grad
+        return (dy, None, None, g_gamma if needs[3] else None, g_beta if needs[4] else None,
+                None, None, None, None, None, None)
 
 
-def stats_backward(y, mean, invstd, g_mean, g_invstd) -> torch.Tensor:
-    """dL/dy (B,C,H,W) from dL/dmean and dL/dinvstd (C,) (either may be None) of y's batch statistics."""
-    n = y.numel() // y.shape[1]
-    g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
-    g_var = torch.zeros_like(mean) if g_invstd is None else -0.5 * g_invstd * invstd ** 3
-    alpha = 2.0 * g_var / n                   # coefficient of y
-    beta = g_mean / n - alpha * mean          # constant term
-    return torch.addcmul(beta.view(1, -1, 1, 1), y, alpha.view(1, -1, 1, 1)).to(y.dtype)
+def affine_backward(y, mean, invstd, gamma, g_scale, g_shift, need_y: bool = True):
+    """(dL/dy (B,C,H,W) or None, dL/dgamma, dL/dbeta (C,)) of the batch affine of y given dL/dscale
+    and dL/dshift (C,) (either may be None)."""
+    alpha, beta_c, g_gamma, g_beta = bn_affine_backward(g_scale, g_shift, mean, invstd, gamma,
+                                                        y.numel() // y.shape[1])
+    dy = torch.addcmul(beta_c.view(1, -1, 1, 1), y, alpha.view(1, -1, 1, 1)).to(y.dtype) if need_y else None
+    return dy, g_gamma, g_beta
 
 
 class SignedMaxPoolFn(torch.autograd.Function):
@@ -243,38 +252,41 @@ class UpFn(torch.autograd.Function):
 
 
 class DownFn(torch.autograd.Function):
-    """DOWN with its conv output recomputed: y = relu(conv3x3(pad0(x*s + b)) + bias), batch
-    statistics of y (running statistics updated once, as BNStatsFn), pooled = max_pool2d(y * sgn, 2).
+    """DOWN with its conv output recomputed: y = relu(conv3x3(pad0(x*s + b)) + bias), the batch
+    affine of y (running statistics updated once, as BNAffineFn), pooled = max_pool2d(y * sgn, 2) * sgn.
 
-    forward(x (B,C,H,W), s, b (C,)|None, weight (Co,C,3,3), bias (Co,)|None, sgn (Co,) = sign of
-            gamma, eps, running_mean, running_var, num_batches_tracked, momentum, update, packed)
-        -> pooled (B,Co,H/2,W/2) (raw, before the pending BatchNorm), mean (Co,), invstd (Co,).
+    forward(x (B,C,H,W), s, b (C,)|None, weight (Co,C,3,3), bias (Co,)|None, gamma, beta (Co,)|None,
+            sgn (Co,) = sign of gamma, eps, running_mean, running_var, num_batches_tracked,
+            momentum, update, packed)
+        -> pooled (B,Co,H/2,W/2) (raw, before the pending BatchNorm), scale (Co,), shift (Co,).
     DOWN's y is the largest tensor of its level (twice the channels at the level's resolution);
     keeping only x (another block's output, alive anyway) and the pooled result cuts what an
     iteration saves by about a quarter, for one more conv forward (no statistics) in backward.
     """
 
     @staticmethod
-    def forward(ctx, x, s, b, weight, bias, sgn, eps, running_mean, running_var, nbt, momentum,
-                update, packed=None):
+    def forward(ctx, x, s, b, weight, bias, gamma, beta, sgn, eps, running_mean, running_var, nbt,
+                momentum, update, packed=None):
         y, mean, m2 = conv3x3_fwd(x, weight, bias, None, s, b, want_stats=True, packed_weight=packed)
         count = y.numel() // y.shape[1]
-        _, _, mean, invstd = bn_finalize(mean, m2, count, None, None, running_mean, running_var,
-                                         nbt, momentum, eps, update)
+        scale, shift, mean, invstd = bn_finalize(mean, m2, count, gamma, beta, running_mean, running_var,
+                                                 nbt, momentum, eps, update)
         pooled = F.max_pool2d(y * sgn.view(1, -1, 1, 1), 2) * sgn.view(1, -1, 1, 1)
-        ctx.save_for_backward(x, s, b, weight, bias, sgn, mean, invstd)
+        ctx.save_for_backward(x, s, b, weight, bias, gamma, sgn, mean, invstd)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return pooled, mean, invstd
+        ctx.set_materialize_grads(False)
+        return pooled, scale, shift
 
     @staticmethod
-    def backward(ctx, g_pooled, g_mean, g_invstd):
-        x, s, b, weight, bias, sgn, mean, invstd = ctx.saved_tensors
+    def backward(ctx, g_pooled, g_scale, g_shift):
+        x, s, b, weight, bias, gamma, sgn, mean, invstd = ctx.saved_tensors
         y, _, _ = conv3x3_fwd(x, weight, bias, None, s, b, want_stats=False)  # bitwise the forward's y
-        gy = stats_backward(y, mean, invstd, g_mean, g_invstd)
+        gy, g_gamma, g_beta = affine_backward(y, mean, invstd, gamma, g_scale, g_shift)
         if g_pooled is not None:
             gy = gy + signed_pool_backward(y, sgn, g_pooled * sgn.view(1, -1, 1, 1))
         needs = ctx.needs_input_grad
         grads = conv_relu_backward(gy, y, weight, x, None, s, b, None, None,
                                    (*needs[:3], False, False, False, *needs[3:5]), ctx.bias_dtype)
         dx, ds, db, _, _, _, dweight, dbias = grads
-        return dx, ds, db, dweight, dbias, None, None, None, None, None, None, None, None
+        return (dx, ds, db, dweight, dbias, g_gamma if needs[5] else None, g_beta if needs[6] else None,
+                None, None, None, None, None, None, None, None)

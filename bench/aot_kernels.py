@@ -117,6 +117,12 @@ def _eval_affine(m, dt, ch):
                   dict(C=ch[2], eps=1e-5))
 
 
+def _affine_grad(m, dt, ch):
+    # BNAffineFn's backward: both output grads present, gamma given (the model's BatchNorms).
+    return Launch(m.bn_stats._affine_grad_kernel, (), dict(HAS_GS=True, HAS_GB=True, HAS_GAMMA=True, BLOCK_C=256),
+                  dict(C=ch[2], count=float(BATCH * HEIGHT * WIDTH)))
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     jit_name: str          # the @triton.jit function in kernels/
@@ -135,6 +141,7 @@ KERNELS = {
     "bn_partial": KernelSpec("_partial_kernel", _partial, ("bf16", "fp32")),
     "bn_finalize": KernelSpec("_finalize_kernel", _finalize, ("fp32",)),
     "bn_eval_affine": KernelSpec("_eval_affine_kernel", _eval_affine, ("fp32",)),
+    "bn_affine_grad": KernelSpec("_affine_grad_kernel", _affine_grad, ("fp32",)),
 }
 GEMMS = tuple(k for k, s in KERNELS.items() if s.gemm)
 #: (C1, C2, COUT) of the test's compiles: a decoder block of BiO-Net x1.0 level 1.

@@ -275,3 +275,31 @@ def test_bf16_outputs_round_to_nearest_even():
     err = y.double() - exact
     bias_ratio = err.sum().item() / err.abs().sum().clamp_min(1e-30).item()
     assert abs(bias_ratio) <= 0.2, f"bf16 rounding is biased: sum(err)/sum|err| = {bias_ratio:.2f}"
+
+
+@pytest.mark.parametrize("has_gs,has_gb,has_gamma", [(True, True, True), (True, False, False),
+                                                     (False, True, True)])
+def test_bn_affine_backward_matches_autograd(has_gs, has_gb, has_gamma):
+    """bn_affine_backward's (C,) coefficients against torch autograd of the batch affine, float64:
+    dL/dy = alpha*y + beta_c, dL/dgamma, dL/dbeta (odd C, missing grads and gamma=None)."""
+    from bionet_fast.kernels.bn_stats import bn_affine_backward
+    g = torch.Generator().manual_seed(3)
+    y = torch.rand(3, 37, 5, 3, generator=g, dtype=torch.float64).to(DEV).requires_grad_(True)
+    gamma = torch.randn(37, generator=g, dtype=torch.float64).to(DEV).requires_grad_(True)
+    beta = torch.randn(37, generator=g, dtype=torch.float64).to(DEV).requires_grad_(True)
+    gs = torch.randn(37, generator=g, dtype=torch.float64).to(DEV) if has_gs else None
+    gb = torch.randn(37, generator=g, dtype=torch.float64).to(DEV) if has_gb else None
+    mean = y.mean((0, 2, 3))
+    invstd = torch.rsqrt(y.var((0, 2, 3), unbiased=False) + 1e-5)
+    scale = (gamma if has_gamma else 1.0) * invstd
+    shift = beta - mean * scale
+    terms = [(v * w).sum() for v, w in ((scale, gs), (shift, gb)) if w is not None]
+    loss = torch.stack(terms).sum()
+    want_dy, want_gamma, want_beta = torch.autograd.grad(loss, (y, gamma, beta), allow_unused=True)
+    alpha, beta_c, g_gamma, g_beta = bn_affine_backward(gs, gb, mean.detach(), invstd.detach(),
+                                                        gamma.detach() if has_gamma else None, 3 * 5 * 3)
+    got_dy = alpha.view(1, -1, 1, 1) * y.detach() + beta_c.view(1, -1, 1, 1)
+    _close(got_dy, want_dy, 1e-10, "dy")
+    if has_gamma:
+        _close(g_gamma, want_gamma if want_gamma is not None else torch.zeros_like(g_gamma), 1e-10, "dgamma")
+    _close(g_beta, want_beta if want_beta is not None else torch.zeros_like(g_beta), 1e-10, "dbeta")

@@ -59,6 +59,18 @@ def load_checkpoint(path: str | Path, device: torch.device, backend: str = "auto
     return model.to(device).eval(), args
 
 
+def load_for_inference(args: argparse.Namespace) -> tuple[BiONet, torch.device, str, int, int]:
+    """The model of --checkpoint on --device (--backend), with --task, --sr-scale and --tile-size
+    defaulting to the training run's: (model, device, task, sr_scale, tile_size). The default tile
+    is the training crop size (the BatchNorm statistics were estimated at it), else 512."""
+    device = pick_device(args.device)
+    model, train_args = load_checkpoint(args.checkpoint, device, args.backend)
+    task = args.task or train_args.get("task", "segmentation")
+    scale = args.sr_scale or train_args.get("sr_scale", 2)
+    tile = args.tile_size or train_args.get("image_size") or 512
+    return model, device, task, scale, tile
+
+
 def activation(task: str, classes: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Logits -> output: sigmoid (one class), softmax (several), identity (super-resolution)."""
     if task == "super-resolution":
@@ -172,10 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import SegmentationDataset  # the data layer (a leaf)
 
     try:
-        device = pick_device(args.device)
-        model, train_args = load_checkpoint(args.checkpoint, device, args.backend)
-        task = args.task or train_args.get("task", "segmentation")
-        scale = args.sr_scale or train_args.get("sr_scale", 2)
+        model, device, task, scale, tile = load_for_inference(args)
         ds = SegmentationDataset(args.data, args.data_format, in_channels=model.config.in_channels,
                                  task=task, sr_scale=scale, train=False)
     except (FileNotFoundError, ValueError) as err:
@@ -187,7 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size if len(set(ds.shapes)) == 1 else 1)
     rand = task == "segmentation" and ds.fmt == "tiff-stack"
     saver = _PredictionSaver(out / "predictions", ds) if args.save_predictions else None
-    tile = args.tile_size or train_args.get("image_size") or 512  # the training crop size: BN statistics
     meters, loss_sum, n, _ = evaluate_loader(model, loader, task, device, tile, args.overlap,
                                              rand=rand, on_batch=saver)
     result = summarize(meters, loss_sum, n)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .evaluate import infer, load_checkpoint, pick_device
+from .evaluate import TASKS, infer, load_for_inference
 from .readers import IMAGE_EXTS, TIFF_EXTS, match_channels, read_image, read_stack, to_float
 
 
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images are processed in overlapping tiles of this side (default: the training "
                         "--image-size, else 512); smaller uses less memory")
     p.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
-    p.add_argument("--task", choices=("segmentation", "super-resolution"),
+    p.add_argument("--task", choices=TASKS,
                    help="default: the task the checkpoint was trained for")
     p.add_argument("--sr-scale", type=int, help="super-resolution factor (default: the training one)")
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1 ...")
@@ -107,12 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        device = pick_device(args.device)
-        model, train_args = load_checkpoint(args.checkpoint, device, args.backend)
+        model, device, task, scale, tile = load_for_inference(args)
         files = collect_images(args.images)
-        task = args.task or train_args.get("task", "segmentation")
-        scale = args.sr_scale or train_args.get("sr_scale", 2)
-        tile = args.tile_size or train_args.get("image_size") or 512  # the training crop size: BN statistics
         out = Path(args.out)
         written = 0
         for path in files:

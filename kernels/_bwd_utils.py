@@ -6,14 +6,14 @@ name the problem and the fix.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot_precision, dot_upcast, is_interpreter, prune_by_shared, shared_memory_limit
+from ._utils import (autotune_pinned, dot_precision, dot_upcast, is_interpreter, prune_by_shared,
+                     shared_memory_limit)
 
 # The interpreter runs every program in numpy: one small config keeps the CPU tests fast.
 INTERPRET = is_interpreter()
@@ -39,17 +39,11 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
                          num_warps=warps, num_stages=stages)
 
 
-def _pinned() -> bool:
-    """BIONET_FAST_AUTOTUNE=0: one config per kernel, no benchmarking at the first call (fast
-    start-up, e.g. GPU test runs or before a CUDA-graph capture), as kernels.conv_fwd does."""
-    return os.environ.get("BIONET_FAST_AUTOTUNE", "1") == "0"
-
-
 def dgrad_configs() -> list:
     """Tiles of the input-gradient GEMM: M = pixels, N = Cin, K = Cout (per tap)."""
     if INTERPRET:
         return [_cfg(32, 16, 16, 4, 1)]
-    if _pinned():  # no spills on sm_90 in bf16/fp16/fp32 (bench/compile_report.py)
+    if autotune_pinned():  # no spills on sm_90 in bf16/fp16/fp32 (bench/compile_report.py)
         return [_cfg(64, 64, 64, 4, 4)]
     return [_cfg(*c) for c in [
         (128, 64, 32, 4, 4), (128, 64, 64, 4, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3),
@@ -60,7 +54,7 @@ def wgrad_configs() -> list:
     """Tiles of the weight-gradient GEMM: M = Cout, N = Cin (per tap), K = pixels."""
     if INTERPRET:
         return [_cfg(16, 16, 32, 4, 1)]
-    if _pinned():  # wgmma, no spills in bf16/fp16 on sm_90 (fp32 with two inputs: 28 B)
+    if autotune_pinned():  # wgmma, no spills in bf16/fp16 on sm_90 (fp32 with two inputs: 28 B)
         return [_cfg(128, 64, 64, 8, 3)]
     return [_cfg(*c) for c in [
         (64, 64, 64, 4, 3), (64, 64, 128, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),

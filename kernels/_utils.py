@@ -21,6 +21,12 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotune_pinned() -> bool:
+    """BIONET_FAST_AUTOTUNE=0: one config per GEMM kernel, no benchmarking at the first call (fast
+    start-up, e.g. GPU test runs, or before a CUDA-graph capture)."""
+    return os.environ.get("BIONET_FAST_AUTOTUNE", "1") == "0"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot``.
 

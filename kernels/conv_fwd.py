@@ -26,15 +26,14 @@ fp32 inputs use TF32 on the GPU (as cuDNN does by default) and exact IEEE in the
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import (acc_dtype, check_activation, check_channel_vector, dot_precision,
-                     dot_upcast, is_interpreter, prune_by_shared, round_to,
+from ._utils import (acc_dtype, autotune_pinned, check_activation, check_channel_vector,
+                     dot_precision, dot_upcast, is_interpreter, prune_by_shared, round_to,
                      shared_memory_limit, stats_dtype)
 from .bn_stats import merge_partials
 
@@ -56,7 +55,7 @@ def _configs() -> list:
     at first call, e.g. before CUDA-graph capture or in short test runs)."""
     if is_interpreter():
         table = [_INTERP_CONFIG]
-    elif os.environ.get("BIONET_FAST_AUTOTUNE", "1") == "0":
+    elif autotune_pinned():
         table = [_GPU_CONFIGS[1]]
     else:
         table = _GPU_CONFIGS

@@ -61,7 +61,8 @@ class FusedOps:
     name = "triton"
 
     def __init__(self, cache: Optional[InferenceCache] = None) -> None:
-        self._packs: dict = {}
+        # this forward's packed weights (held whatever their size, validated as the cache's are)
+        self._packs = InferenceCache(budget_bytes=0)
         self._cache = cache
         self._stable: set = set()  # ids of affine vectors that came out of the cache
 
@@ -112,15 +113,20 @@ class FusedOps:
         else in the weight's own dtype (the kernel folds the affine into it, rounding once)."""
         if any(x.scale is not None for x in xs):
             dtype = weight.dtype
+        def pack():
+            return pack_weight(weight, dtype)
+
         if self._caching():
-            return self._memo(("pack", dtype), (weight,), lambda: pack_weight(weight, dtype), big=True)
-        key = (id(weight), dtype)
-        hit = self._packs.get(key)
-        if hit is not None and hit[0] is weight and hit[1] == weight._version:
-            return hit[2]
-        packed = pack_weight(weight, dtype)
-        self._packs[key] = (weight, weight._version, packed)
-        return packed
+            return self._memo(("pack", dtype), (weight,), pack, big=True)
+        return self._packs.get(("pack", dtype), (weight,), pack)
+
+    def _updates_running_stats(self, bn: nn.BatchNorm2d) -> bool:
+        """Whether this call of `bn` updates its running statistics; if so, the inference cache is
+        cleared (the kernels write them in place without bumping `_version`)."""
+        update = bn.training and bn.running_mean is not None and stats_update_enabled()
+        if update and self._cache is not None:
+            self._cache.clear()
+        return update
 
     def _bn_affine(self, y: torch.Tensor, mean, m2, bn: nn.BatchNorm2d):
         """(scale, shift) (C,) of BatchNorm `bn` applied to y (B, C, H, W)."""
@@ -140,9 +146,7 @@ class FusedOps:
             return scale, (-bn.running_mean * scale if beta is None else beta - bn.running_mean * scale)
         if mean is None:
             mean, m2, _ = bn_stats(y)
-        update = bn.training and bn.running_mean is not None and stats_update_enabled()
-        if update and self._cache is not None:  # running stats change under the cached affines
-            self._cache.clear()
+        update = self._updates_running_stats(bn)
         count = y.numel() // y.shape[1]
         if not grad:
             scale, shift, _, _ = bn_finalize(mean, m2, count, gamma, beta, bn.running_mean,
@@ -199,9 +203,7 @@ class FusedOps:
         gamma, beta = bn.weight, bn.bias
         sgn = torch.ones(conv.out_channels, device=x.raw.device) if gamma is None else \
             torch.where(gamma >= 0, 1.0, -1.0).detach()  # sign(gamma * invstd) = sign(gamma)
-        update = bn.running_mean is not None and bn.training and stats_update_enabled()
-        if update and self._cache is not None:
-            self._cache.clear()
+        update = self._updates_running_stats(bn)
         pooled, scale, shift = DownFn.apply(
             x.raw.to(dt), x.scale, x.shift, conv.weight, conv.bias, gamma, beta, sgn.to(dt), bn.eps,
             bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, update,

@@ -61,6 +61,19 @@ def _affine(x: torch.Tensor, s: Optional[torch.Tensor], b: Optional[torch.Tensor
     return (x * s.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)).to(x.dtype)
 
 
+def pending_input_grads(dv: torch.Tensor, raw: torch.Tensor, scale: Optional[torch.Tensor],
+                        needs=(True, True, True)):
+    """(d raw, d scale, d shift) of v = raw * scale + shift given dL/dv (B,C,H,W); the (C,) sums
+    in fp32 (fp64 for fp64). Without an affine (scale None) v is raw: (dv, None, None)."""
+    if scale is None:
+        return (dv.to(raw.dtype) if needs[0] else None), None, None
+    wide = torch.float64 if dv.dtype == torch.float64 else torch.float32
+    draw = (dv * scale.view(1, -1, 1, 1)).to(raw.dtype) if needs[0] else None
+    dscale = (dv.to(wide) * raw.to(wide)).sum((0, 2, 3)).to(scale.dtype) if needs[1] else None
+    dshift = dv.sum((0, 2, 3), dtype=wide).to(scale.dtype) if needs[2] else None
+    return draw, dscale, dshift
+
+
 def _conv_relu_backward_torch(gy, y, weight, x1, x2, s1, b1, s2, b2, needs):
     """Torch reference of the fused backward; same outputs as kernels.conv_bwd (dweight, dbias in
     weight's dtype here). A = pad0(cat(affine(x1), affine(x2))) is recomputed, never saved."""
@@ -73,18 +86,9 @@ def _conv_relu_backward_torch(gy, y, weight, x1, x2, s1, b1, s2, b2, needs):
     dx1 = ds1 = db1 = dx2 = ds2 = db2 = dweight = dbias = None
     if any(needs[:6]):
         da = torch.nn.grad.conv2d_input(a.shape, w, dz, padding=1)
-        halves = [(da[:, :c1], x1, s1)] + ([(da[:, c1:], x2, s2)] if x2 is not None else [])
-        grads = []
-        wide = torch.float64 if dz.dtype == torch.float64 else torch.float32
-        for da_k, x_k, s_k in halves:
-            dsum = (0, 2, 3)
-            ds_k = (da_k.to(wide) * x_k.to(wide)).sum(dsum).to(s_k.dtype) if s_k is not None else None
-            db_k = da_k.sum(dsum, dtype=wide).to(s_k.dtype) if s_k is not None else None
-            dx_k = (da_k * s_k.view(1, -1, 1, 1)).to(x_k.dtype) if s_k is not None else da_k
-            grads.append((dx_k, ds_k, db_k))
-        dx1, ds1, db1 = grads[0]
+        dx1, ds1, db1 = pending_input_grads(da[:, :c1], x1, s1)
         if x2 is not None:
-            dx2, ds2, db2 = grads[1]
+            dx2, ds2, db2 = pending_input_grads(da[:, c1:], x2, s2)
     if needs[6]:
         dweight = torch.nn.grad.conv2d_weight(a, weight.shape, dz, padding=1).to(weight.dtype)
     if needs[7]:
@@ -239,13 +243,8 @@ class UpFn(torch.autograd.Function):
             dz, v, weight.to(dtype), [weight.shape[1]] if has_bias else None, list(stride), list(padding),
             [1, 1], True, list(output_padding), 1, [need_raw or need_s or need_b, need_w, need_bias and has_bias])
         draw = dscale = dshift = None
-        if dv is not None and scale is not None:
-            wide = torch.float64 if dv.dtype == torch.float64 else torch.float32
-            draw = (dv * scale.view(1, -1, 1, 1)).to(raw.dtype) if need_raw else None
-            dscale = (dv.to(wide) * raw.to(wide)).sum((0, 2, 3)).to(scale.dtype) if need_s else None
-            dshift = dv.sum((0, 2, 3), dtype=wide).to(shift.dtype) if need_b else None
-        elif dv is not None:
-            draw = dv.to(raw.dtype)
+        if dv is not None:
+            draw, dscale, dshift = pending_input_grads(dv, raw, scale, (need_raw, need_s, need_b))
         dw = None if dw is None else dw.to(weight.dtype)
         dbias = None if dbias is None or not need_bias else dbias.to(weight.dtype)
         return draw, dscale, dshift, dw, dbias, None, None, None, None

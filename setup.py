@@ -12,7 +12,8 @@ setup(
     description="BiO-Net (bi-directional O-shape U-Net) with fused Triton kernels and "
     "activation checkpointing across recurrent iterations",
     python_requires=">=3.10",
-    packages=["bionet_fast", "bionet_fast.blocks", "bionet_fast.kernels"],
+    packages=["bionet_fast", "bionet_fast.blocks", "bionet_fast.data", "bionet_fast.engine",
+              "bionet_fast.models", "bionet_fast.utils", "bionet_fast.kernels"],
     package_dir={"bionet_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

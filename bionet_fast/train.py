@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from . import trainer_io as tio
-from .train_data import build_data
-from .trainer import NonFiniteLoss, Trainer, setup_distributed
-from .trainer_io import ARGS_JSON, has_training_state
+from .engine import checkpoint_io as tio
+from .data.training import build_data
+from .engine.trainer import NonFiniteLoss, Trainer, setup_distributed
+from .engine.checkpoint_io import ARGS_JSON, has_training_state
 
 SYNTHETIC = dict(multiplier=0.25, depth=3, image_size=64, batch_size=8, epochs=10, steps=80, lr=0.01,
                  workers=0, n_train=512, n_val=48)

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import splitk
 from ._utils import (autotune_pinned, dot_precision, dot_upcast, is_interpreter, prune_by_shared,
                      shared_memory_limit)
 
@@ -39,15 +40,30 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
                          num_warps=warps, num_stages=stages)
 
 
+_DGRAD_INTERP = (32, 16, 16, 4, 1)
+_DGRAD_PINNED = (64, 64, 64, 4, 4)  # no spills on sm_90 in bf16/fp16/fp32 (bench/compile_report.py)
+# Tiles the tuned table also tries with SPLIT_K in splitk.SPLITS (where output tiles < SMs).
+_DGRAD_SPLIT_TILES = [(64, 64, 64, 4, 4), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3)]
+
+
 def dgrad_configs() -> list:
-    """Tiles of the input-gradient GEMM: M = pixels, N = Cin, K = Cout (per tap)."""
+    """Tiles of the input-gradient GEMM: M = pixels, N = Cin, K = Cout (per tap); SPLIT_K = 1
+    except the split-K variants of the tuned table (kernels/splitk.py)."""
     if INTERPRET:
-        return [_cfg(32, 16, 16, 4, 1)]
-    if autotune_pinned():  # no spills on sm_90 in bf16/fp16/fp32 (bench/compile_report.py)
-        return [_cfg(64, 64, 64, 4, 4)]
-    return [_cfg(*c) for c in [
+        return splitk.configs([_DGRAD_INTERP])
+    if autotune_pinned():
+        return splitk.configs([_DGRAD_PINNED])
+    return splitk.configs([
         (128, 64, 32, 4, 4), (128, 64, 64, 4, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3),
-        (64, 64, 64, 4, 4), (128, 32, 32, 4, 4), (64, 128, 32, 4, 4)]]
+        (64, 64, 64, 4, 4), (128, 32, 32, 4, 4), (64, 128, 32, 4, 4)], _DGRAD_SPLIT_TILES)
+
+
+def dgrad_base_config(c_out: int, c_in: int) -> triton.Config:
+    """The tile a forced split runs on: the pinned (interpreter: the only) config, its blocks
+    clamped to the channels as the prune would."""
+    m, n, k, w, s = _DGRAD_INTERP if INTERPRET else _DGRAD_PINNED
+    cap = lambda b, dim: min(b, max(16, triton.next_power_of_2(dim)))  # noqa: E731
+    return splitk.configs([(m, cap(n, c_in), cap(k, c_out), w, s)])[0]
 
 
 def wgrad_configs() -> list:
@@ -83,9 +99,19 @@ def wgrad_shared_bytes(config, elem: int, inputs: int = 2) -> int:
 
 
 def prune_dgrad(configs, named_args, **kwargs):
-    keep = [c for c in configs if _fits(c.kwargs["BLOCK_N"], named_args["C_IN"])
-            and _fits(c.kwargs["BLOCK_K"], named_args["C_OUT"])] or configs[:1]
-    dy = named_args["dy_ptr"]
+    """Drop blocks wider than the channels, split-K configs where they do not pay (splitk.keep:
+    tiles already >= SMs, short K loop, no workspace), and what does not fit in shared memory."""
+    a = named_args
+    dy, m, c_in = a["dy_ptr"], a["M"], a["C_IN"]
+
+    def split_ok(c):
+        kw = c.kwargs
+        tiles = triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(c_in, kw["BLOCK_N"])
+        k_iters = 9 * triton.cdiv(a["C_OUT"], kw["BLOCK_K"])
+        return splitk.keep(c, tiles, k_iters, a["part_ptr"], m * c_in, splitk.sm_count(dy))
+
+    keep = [c for c in configs if _fits(c.kwargs["BLOCK_N"], c_in)
+            and _fits(c.kwargs["BLOCK_K"], a["C_OUT"]) and split_ok(c)] or configs[:1]
     return prune_by_shared(keep, lambda c: dgrad_shared_bytes(c, dy.element_size()), shared_memory_limit(dy))
 
 

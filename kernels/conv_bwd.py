@@ -18,6 +18,10 @@ layout works and channels_last (channel stride 1) gives coalesced loads. fp32 ac
 fp32 operands use TF32 tensor cores on the GPU (like cuDNN's default), IEEE in the interpreter.
 Determinism: no atomics; per-tile partial sums land in buffers that torch sums in a fixed order.
 Bitwise repeatability holds for a fixed autotuned config (i.e. within one process after tuning).
+Split-K: wgrad always splits its K (pixels) into chunks (_bwd_utils.wgrad_split) whose partials
+are summed over the split axis; dgrad may split its K (9 x Cout) where its output tiles are fewer
+than SMs (autotune meta-parameter SPLIT_K, kernels/splitk.py: fixed-order reduction, then the
+same epilogue, kernels/epilogues.py).
 """
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ import triton
 import triton.language as tl
 
 from . import _bwd_utils as U
+from . import splitk
 from ._utils import round_to
+from .epilogues import dgrad_epilogue
 
 Tensor = torch.Tensor
 
@@ -44,10 +50,11 @@ def _mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.autotune(configs=U.dgrad_configs(), key=["C_OUT", "C_IN", "M_BUCKET"],
-                 prune_configs_by={"early_config_prune": U.prune_dgrad})
+                 prune_configs_by={"early_config_prune": U.prune_dgrad},
+                 post_hook=splitk.post_hook(splitk.reduce_dgrad))
 @triton.jit
 def _dgrad_kernel(dy_ptr, y_ptr, w_ptr, x1_ptr, x2_ptr, s1_ptr, s2_ptr,
-                  dx1_ptr, dx2_ptr, ds_part_ptr, db_part_ptr,
+                  dx1_ptr, dx2_ptr, ds_part_ptr, db_part_ptr, part_ptr,
                   H, W, M, C_OUT, C1, C_IN, M_BUCKET,
                   sdy_b, sdy_c, sdy_h, sdy_w, sy_b, sy_c, sy_h, sy_w,
                   sw_o, sw_i, sw_h, sw_w,
@@ -55,8 +62,11 @@ def _dgrad_kernel(dy_ptr, y_ptr, w_ptr, x1_ptr, x2_ptr, s1_ptr, s2_ptr,
                   sd1_b, sd1_c, sd1_h, sd1_w, sd2_b, sd2_c, sd2_h, sd2_w,
                   HAS_X2: tl.constexpr, HAS_S1: tl.constexpr, HAS_S2: tl.constexpr,
                   DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One (BLOCK_M pixels) x (BLOCK_N input channels) tile of dA, K = 9 taps x Cout."""
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  SPLIT_K: tl.constexpr):
+    """One (BLOCK_M pixels) x (BLOCK_N input channels) tile of dA, K = 9 taps x Cout; with
+    SPLIT_K > 1 one slice of that K loop (grid axis 1), stored as an fp32 partial for
+    splitk.reduce_dgrad."""
     # N-tiles of one pixel tile are neighbours in launch order: they share the dz tiles in L2.
     n_tiles = tl.cdiv(C_IN, BLOCK_N)
     pid = tl.program_id(0)
@@ -78,7 +88,12 @@ def _dgrad_kernel(dy_ptr, y_ptr, w_ptr, x1_ptr, x2_ptr, s1_ptr, s2_ptr,
     # One flat loop over (tap, Cout block) so the pipeliner overlaps loads across taps too
     # (with Cout <= BLOCK_K a per-tap inner loop would have a single iteration).
     k_tiles = tl.cdiv(C_OUT, BLOCK_K)
-    for it in range(9 * k_tiles):
+    it_lo, it_hi = 0, 9 * k_tiles
+    if SPLIT_K > 1:  # this program's contiguous slice of the iterations
+        per = tl.cdiv(9 * k_tiles, SPLIT_K)
+        it_lo = tl.program_id(1) * per
+        it_hi = tl.minimum(it_lo + per, 9 * k_tiles)
+    for it in range(it_lo, it_hi):
         tap = it // k_tiles
         co = (it - tap * k_tiles) * BLOCK_K + kk
         kh = tap // 3
@@ -98,34 +113,15 @@ def _dgrad_kernel(dy_ptr, y_ptr, w_ptr, x1_ptr, x2_ptr, s1_ptr, s2_ptr,
                      mask=co_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _mma(dz, wt, acc, DOT_PREC, UPCAST)
 
-    # Epilogue: route columns n < C1 to x1's gradient, the rest to x2's (no concatenation).
-    in1 = n < C1
-    in2 = n_ok & (n >= C1)
-    n2 = tl.where(in2, n - C1, 0)
-    m1 = m_ok[:, None] & in1[None, :]
-    p1 = b[:, None] * sx1_b + n[None, :] * sx1_c + (h * sx1_h + w * sx1_w)[:, None]
-    x = tl.load(x1_ptr + p1, mask=m1, other=0.0).to(ACC)
-    if HAS_S1:
-        s = tl.load(s1_ptr + n, mask=in1, other=0.0)
-    else:
-        s = tl.where(in1, 1.0, 0.0)
-    if HAS_X2:
-        m2 = m_ok[:, None] & in2[None, :]
-        p2 = b[:, None] * sx2_b + n2[None, :] * sx2_c + (h * sx2_h + w * sx2_w)[:, None]
-        x += tl.load(x2_ptr + p2, mask=m2, other=0.0).to(ACC)
-        if HAS_S2:
-            s += tl.load(s2_ptr + n2, mask=in2, other=0.0)
-        else:
-            s += tl.where(in2, 1.0, 0.0)
-    dx = acc * s[None, :]
-    q1 = b[:, None] * sd1_b + n[None, :] * sd1_c + (h * sd1_h + w * sd1_w)[:, None]
-    tl.store(dx1_ptr + q1, round_to(dx, dx1_ptr.dtype.element_ty, UPCAST), mask=m1)
-    if HAS_X2:
-        q2 = b[:, None] * sd2_b + n2[None, :] * sd2_c + (h * sd2_h + w * sd2_w)[:, None]
-        tl.store(dx2_ptr + q2, round_to(dx, dx2_ptr.dtype.element_ty, UPCAST), mask=m2)
-    # Rows past M hold zeros (dz and x were masked), so whole-tile sums are exact partials.
-    tl.store(ds_part_ptr + pid_m * C_IN + n, tl.sum(acc * x, axis=0), mask=n_ok)
-    tl.store(db_part_ptr + pid_m * C_IN + n, tl.sum(acc, axis=0), mask=n_ok)
+    if SPLIT_K == 1:
+        dgrad_epilogue(acc, pid_m, m_ok, b, h, w, n, n_ok, x1_ptr, x2_ptr, s1_ptr, s2_ptr,
+                       dx1_ptr, dx2_ptr, ds_part_ptr, db_part_ptr, C1, C_IN,
+                       sx1_b, sx1_c, sx1_h, sx1_w, sx2_b, sx2_c, sx2_h, sx2_w,
+                       sd1_b, sd1_c, sd1_h, sd1_w, sd2_b, sd2_c, sd2_h, sd2_w,
+                       HAS_X2, HAS_S1, HAS_S2, UPCAST, ACC)
+    else:  # fp32 partial of this slice, (SPLIT_K, M, C_IN)
+        part = part_ptr + tl.program_id(1) * M * C_IN
+        tl.store(part + m[:, None] * C_IN + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.autotune(configs=U.wgrad_configs(), key=["C_OUT", "C_IN", "P_BUCKET"],
@@ -216,9 +212,36 @@ def _strides(t: Optional[Tensor], like: Tensor) -> tuple:
     return tuple((like if t is None else t).stride())
 
 
+def _dgrad_launch(dy, y, wt, x1, x2, s1, s2, dx1, dx2, ds_part, db_part, c1: int,
+                  split: Optional[int]):
+    """Run _dgrad_kernel (and, for a split-K config, its reduction) -> the rows of ds_part /
+    db_part (tiles, C_IN) that the launched config wrote."""
+    bsz, c_out, h, w = dy.shape
+    m, c_in = bsz * h * w, wt.shape[1]
+    part = splitk.workspace(m, 2 ** U.size_bucket(m) - 1, c_in, dy, U.acc_dtype(dy.dtype),
+                            _dgrad_kernel.configs, split)
+    args = (dy, y, wt, x1, x2 if x2 is not None else x1, U.affine_or_dummy(s1, dy),
+            U.affine_or_dummy(s2, dy), dx1, dx2, ds_part, db_part, part,
+            h, w, m, c_out, c1, c_in, U.size_bucket(m),
+            *dy.stride(), *y.stride(), *wt.stride(), *x1.stride(), *_strides(x2, x1),
+            *dx1.stride(), *dx2.stride())
+    consts = dict(HAS_X2=x2 is not None, HAS_S1=s1 is not None, HAS_S2=s2 is not None,
+                  **U.dot_meta(dy.dtype))
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_in, meta["BLOCK_N"]),  # noqa: E731
+                         meta["SPLIT_K"])
+    forced = None if split is None else splitk.with_split(U.dgrad_base_config(c_out, c_in), split)
+    config = splitk.launch(_dgrad_kernel, grid, args, consts, forced)
+    rows = config.kwargs["BLOCK_M"]
+    if config.kwargs["SPLIT_K"] > 1:  # sum the slices in fixed order, then the epilogue
+        splitk.reduce_dgrad(splitk.named(_dgrad_kernel, args, consts, config))
+        rows = splitk.REDUCE_BLOCK_M
+    tiles = triton.cdiv(m, rows)  # only these rows were written
+    return ds_part[:tiles], db_part[:tiles]
+
+
 def conv3x3_dgrad(dy: Tensor, y: Tensor, weight: Tensor, c1: int, x1: Tensor,
                   x2: Optional[Tensor] = None, s1: Optional[Tensor] = None,
-                  s2: Optional[Tensor] = None):
+                  s2: Optional[Tensor] = None, *, split_k: Optional[int] = None):
     """Input-side gradients of a fused block, without materialising dz or dA.
 
     dy, y: (B, Cout, H, W) gradient of the ReLU output and the ReLU output (for the mask);
@@ -227,6 +250,9 @@ def conv3x3_dgrad(dy: Tensor, y: Tensor, weight: Tensor, c1: int, x1: Tensor,
     None for identity. Returns (dx1, dx2, ds1, db1, ds2, db2): dx_k like x_k (dtype and
     strides), ds_k and db_k fp32 (C_k,) (fp64 for fp64 inputs); dx2, ds2, db2 are None
     when x2 is None. Autotuned on the GPU: call once outside CUDA-graph capture to tune.
+    split_k: force a deterministic split-K of the 9*Cout loop into this many slices on the pinned
+    tile (kernels/splitk.py; tests, benchmarks); None = BIONET_FAST_SPLIT_K if set, else the
+    autotuner's choice (split configs only where output tiles are fewer than SMs).
     """
     U.check_device(dy, y, weight, x1, x2, s1, s2)
     bsz, c_out, h, w = U.check_pair(dy, y)
@@ -244,26 +270,16 @@ def conv3x3_dgrad(dy: Tensor, y: Tensor, weight: Tensor, c1: int, x1: Tensor,
     wt = weight.detach().to(dtype=dy.dtype, memory_format=torch.channels_last)
     dx1 = torch.empty_like(x1)
     dx2 = torch.empty_like(x2) if x2 is not None else dx1
-    m = bsz * h * w
-    max_tiles = triton.cdiv(m, min(c.kwargs["BLOCK_M"] for c in U.dgrad_configs()))
-    ds_part = torch.empty((max_tiles, c_in), device=dy.device, dtype=U.acc_dtype(dy.dtype))
+    m, acc = bsz * h * w, U.acc_dtype(dy.dtype)
+    min_rows = min([c.kwargs["BLOCK_M"] for c in U.dgrad_configs()] + [splitk.REDUCE_BLOCK_M])
+    ds_part = torch.empty((triton.cdiv(m, min_rows), c_in), device=dy.device, dtype=acc)
     db_part = torch.empty_like(ds_part)
     if m > 0:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c_in, meta["BLOCK_N"]),)
-        _dgrad_kernel[grid](
-            dy, y, wt, x1, x2 if x2 is not None else x1,
-            U.affine_or_dummy(s1, dy), U.affine_or_dummy(s2, dy),
-            dx1, dx2, ds_part, db_part,
-            h, w, m, c_out, c1, c_in, U.size_bucket(m),
-            *dy.stride(), *y.stride(), *wt.stride(), *x1.stride(), *_strides(x2, x1),
-            *dx1.stride(), *dx2.stride(),
-            HAS_X2=x2 is not None, HAS_S1=s1 is not None, HAS_S2=s2 is not None,
-            **U.dot_meta(dy.dtype))
-        # Only the tiles of the config the autotuner ran were written; sum them in fixed order.
-        rows = triton.cdiv(m, _dgrad_kernel.best_config.kwargs["BLOCK_M"])
-        ds, db = ds_part[:rows].sum(0), db_part[:rows].sum(0)
+        ds_part, db_part = _dgrad_launch(dy, y, wt, x1, x2, s1, s2, dx1, dx2, ds_part, db_part, c1,
+                                         splitk.forced(split_k))
+        ds, db = ds_part.sum(0), db_part.sum(0)  # fixed-order sum of the launched config's tiles
     else:
-        ds = db = torch.zeros(c_in, device=dy.device, dtype=U.acc_dtype(dy.dtype))
+        ds = db = torch.zeros(c_in, device=dy.device, dtype=acc)
     if x2 is None:
         return dx1, None, ds, db, None, None
     return dx1, dx2, ds[:c1], db[:c1], ds[c1:], db[c1:]

@@ -9,8 +9,8 @@ The per-channel affines (the producers' pending BatchNorms) are FOLDED, not appl
 element (which forced the input tile through registers and cost 2x on an H200):
     conv(pad0(s*x + b)) = conv_{W*s}(pad0(x)) + sum over the in-image taps of Bt[tap],
     Bt[tap, n] = sum_c W[n, c, tap] * b[c].
-A small kernel (`_fold_kernel`) scales the packed weight by s and computes Bt; the main loop is then
-a plain GEMM on raw x, and Bt enters as one extra K block whose A operand is the 0/1 "tap is inside
+A small kernel (`_fold_kernel`, kernels/fold.py) scales the packed weight by s and computes Bt; the
+main loop is then a plain GEMM on raw x, and Bt enters as one extra K block whose A operand is the 0/1 "tap is inside
 the image" mask (Bt split into hi + lo parts in the dot dtype, so it is not rounded to bf16). This is
 exactly zero padding AFTER the affine: out-of-image taps contribute 0.
 
@@ -18,6 +18,10 @@ The epilogue adds the bias, applies ReLU, stores y (channels_last, dtype of x1) 
 BatchNorm partial statistics (count, mean, M2) of the fp32 accumulator, i.e. BEFORE y is rounded to
 bf16/fp16. The partials are merged deterministically (fixed order, Chan's formula, no atomics) by
 `bn_stats.merge_partials`.
+
+Split-K (kernels/splitk.py): where output tiles are fewer than SMs (the deep levels), the autotuner
+may pick SPLIT_K > 1: each program then runs one slice of the K loop and stores an fp32 partial;
+`splitk.reduce_fwd` sums them in a fixed order and applies the same epilogue (kernels/epilogues.py).
 
 Precision: the dot runs in the input dtype (bf16/fp16 products are exact) with an fp32 accumulator;
 fp32 inputs use TF32 on the GPU (as cuDNN does by default) and exact IEEE in the interpreter; fp64
@@ -32,10 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import splitk
 from ._utils import (acc_dtype, autotune_pinned, check_activation, check_channel_vector,
-                     dot_precision, dot_upcast, is_interpreter, prune_by_shared, round_to,
+                     dot_precision, dot_upcast, is_interpreter, prune_by_shared,
                      shared_memory_limit, stats_dtype)
 from .bn_stats import merge_partials
+from .epilogues import fwd_epilogue
+from .fold import _check_folded, _fold_kernel, fold_affine, pack_weight  # noqa: F401 (re-exported)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). `_prune` clamps BLOCK_N / BLOCK_K to the
 # channel counts (c0 = 32 levels, the 3-channel input), so these also cover the narrow layers;
@@ -44,6 +51,9 @@ _GPU_CONFIGS = [
     (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3),
     (128, 128, 32, 4, 4), (256, 64, 64, 8, 3), (128, 256, 64, 8, 3),
 ]
+# Tiles also tried with SPLIT_K in splitk.SPLITS (deterministic split-K, kernels/splitk.py), where
+# output tiles are fewer than SMs: the deep levels (512+256 -> 256 at 32x32: 16-64 tiles).
+_SPLIT_TILES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3)]
 # The interpreter is slow and autotuning there pointless: one small config that still exercises
 # multi-tile statistics, masked K/N edges and several channel blocks per tap.
 _INTERP_CONFIG = (32, 16, 16, 4, 1)
@@ -51,16 +61,14 @@ MIN_BLOCK_M = _INTERP_CONFIG[0] if is_interpreter() else min(c[0] for c in _GPU_
 
 
 def _configs() -> list:
-    """Autotune candidates. BIONET_FAST_AUTOTUNE=0 pins one config (fast start-up, no benchmarking
-    at first call, e.g. before CUDA-graph capture or in short test runs)."""
+    """Autotune candidates (SPLIT_K=1 unless listed in _SPLIT_TILES). BIONET_FAST_AUTOTUNE=0 pins
+    one unsplit config (fast start-up, no benchmarking at first call, e.g. before CUDA-graph
+    capture or in short test runs)."""
     if is_interpreter():
-        table = [_INTERP_CONFIG]
-    elif autotune_pinned():
-        table = [_GPU_CONFIGS[1]]
-    else:
-        table = _GPU_CONFIGS
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in table]
+        return splitk.configs([_INTERP_CONFIG])
+    if autotune_pinned():
+        return splitk.configs([_GPU_CONFIGS[1]])
+    return splitk.configs(_GPU_CONFIGS, _SPLIT_TILES)
 
 
 def shared_bytes(config, elem: int) -> int:
@@ -71,20 +79,32 @@ def shared_bytes(config, elem: int) -> int:
     return config.num_stages * (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem
 
 
+def _clamp(c, cout: int, c1: int, c2: int):
+    """c with BLOCK_N / BLOCK_K clamped to the channel counts (wider blocks would be pure masked
+    waste; tl.dot needs >= 16)."""
+    n_cap = max(16, triton.next_power_of_2(cout))
+    k_cap = max(16, triton.next_power_of_2(max(c1, c2)))
+    kw = dict(c.kwargs, BLOCK_N=min(c.kwargs["BLOCK_N"], n_cap), BLOCK_K=min(c.kwargs["BLOCK_K"], k_cap))
+    return triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
 def _prune(configs, named_args, **kwargs):
-    """Clamp BLOCK_N / BLOCK_K to the channel counts (wider blocks would be pure masked waste;
-    tl.dot needs >= 16), drop the duplicates this makes, and the configs whose tiles do not fit in
-    the device's shared memory (fp32 tiles are twice bf16's)."""
-    n_cap = max(16, triton.next_power_of_2(named_args["COUT"]))
-    k_cap = max(16, triton.next_power_of_2(max(named_args["C1"], named_args["C2"])))
+    """Clamp BLOCK_N / BLOCK_K to the channel counts, drop the duplicates this makes, the split-K
+    configs where they do not pay (splitk.keep: tiles already >= SMs, short K loop, no workspace),
+    and the configs whose tiles do not fit in the device's shared memory (fp32 tiles are twice
+    bf16's)."""
+    a = named_args
+    x1, m, cout = a["x1_ptr"], a["M"], a["COUT"]
     out, seen = [], set()
     for c in configs:
-        kw = dict(c.kwargs, BLOCK_N=min(c.kwargs["BLOCK_N"], n_cap), BLOCK_K=min(c.kwargs["BLOCK_K"], k_cap))
-        sig = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages)
-        if sig not in seen:
+        c = _clamp(c, cout, a["C1"], a["C2"])
+        kw = c.kwargs
+        sig = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["SPLIT_K"], c.num_warps, c.num_stages)
+        tiles = triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(cout, kw["BLOCK_N"])
+        k_iters = 9 * (triton.cdiv(a["C1"], kw["BLOCK_K"]) + triton.cdiv(a["C2"], kw["BLOCK_K"]))
+        if sig not in seen and splitk.keep(c, tiles, k_iters, a["part_ptr"], m * cout, splitk.sm_count(x1)):
             seen.add(sig)
-            out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
-    x1 = named_args["x1_ptr"]
+            out.append(c)
     return prune_by_shared(out, lambda c: shared_bytes(c, x1.element_size()), shared_memory_limit(x1))
 
 
@@ -98,9 +118,10 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _accumulate(acc, x_ptr, w_ptr, c_off, C, CIN, COUT, b, oh, ow, m_mask, offs_n, n_mask,
-                H, W, sb, sc, sh, sw, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                H, W, sb, sc, sh, sw, it_lo, it_hi, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_K: tl.constexpr):
-    """acc (BLOCK_M, BLOCK_N) += sum over the 9 taps and C channels of one input half.
+    """acc (BLOCK_M, BLOCK_N) += sum over iterations [it_lo, it_hi) of the 9 taps x C channels of
+    one input half (all of them: 0, 9 * cdiv(C, BLOCK_K); a split-K slice: part of them).
 
     One flat loop over (tap, channel block) so the software pipeline spans all 9 taps even when
     C fits in a single block. w_ptr is the packed weight (9, CIN, COUT); this half's channels start
@@ -108,7 +129,7 @@ def _accumulate(acc, x_ptr, w_ptr, c_off, C, CIN, COUT, b, oh, ow, m_mask, offs_
     """
     nk = tl.cdiv(C, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
-    for it in range(0, 9 * nk):
+    for it in range(it_lo, it_hi):
         tap = it // nk
         ck = (it - tap * nk) * BLOCK_K + offs_k
         k_mask = ck < C
@@ -141,12 +162,12 @@ def _add_tap_bias(acc, bt_ptr, oh, ow, m_mask, offs_n, n_mask, H, W, COUT,
 
 @triton.jit
 def _conv3x3_fwd_jit(
-        x1_ptr, x2_ptr, w_ptr, bt_ptr, bias_ptr, y_ptr, pmean_ptr, pm2_ptr,
+        x1_ptr, x2_ptr, w_ptr, bt_ptr, bias_ptr, y_ptr, pmean_ptr, pm2_ptr, part_ptr,
         M, H, W, C1, C2, COUT, M_BUCKET,
         sx1_b, sx1_c, sx1_h, sx1_w, sx2_b, sx2_c, sx2_h, sx2_w, sy_b, sy_c, sy_h, sy_w,
         HAS_X2: tl.constexpr, TAP_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
         WANT_STATS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     # N-tiles of the same M-tile are adjacent program ids: they read the same input rows, which
     # then come from L2 (the whole packed weight is small enough to stay there too).
     pid = tl.program_id(0)
@@ -164,135 +185,64 @@ def _conv3x3_fwd_jit(
     ow = r - oh * W
     cin = C1 + C2
 
+    # K loop bounds per half: all of it, or (SPLIT_K > 1) this program's slice of the flat loop
+    # over x1's then x2's (tap, channel block) iterations.
+    t1 = 9 * tl.cdiv(C1, BLOCK_K)
+    lo1, hi1, lo2, hi2 = 0, t1, 0, 9 * tl.cdiv(C2, BLOCK_K)
+    if SPLIT_K > 1:
+        per = tl.cdiv(t1 + hi2, SPLIT_K)
+        lo = tl.program_id(1) * per
+        lo1, hi1 = tl.minimum(lo, t1), tl.minimum(lo + per, t1)
+        lo2, hi2 = tl.maximum(lo - t1, 0), tl.minimum(tl.maximum(lo + per - t1, 0), hi2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc = _accumulate(acc, x1_ptr, w_ptr, 0, C1, cin, COUT, b, oh, ow, m_mask, offs_n, n_mask,
-                      H, W, sx1_b, sx1_c, sx1_h, sx1_w, PRECISION, UPCAST, BLOCK_K)
+                      H, W, sx1_b, sx1_c, sx1_h, sx1_w, lo1, hi1, PRECISION, UPCAST, BLOCK_K)
     if HAS_X2:
         acc = _accumulate(acc, x2_ptr, w_ptr, C1, C2, cin, COUT, b, oh, ow, m_mask, offs_n, n_mask,
-                          H, W, sx2_b, sx2_c, sx2_h, sx2_w, PRECISION, UPCAST, BLOCK_K)
+                          H, W, sx2_b, sx2_c, sx2_h, sx2_w, lo2, hi2, PRECISION, UPCAST, BLOCK_K)
     if TAP_BIAS:
-        acc = _add_tap_bias(acc, bt_ptr, oh, ow, m_mask, offs_n, n_mask, H, W, COUT, PRECISION, UPCAST)
+        if SPLIT_K == 1:
+            acc = _add_tap_bias(acc, bt_ptr, oh, ow, m_mask, offs_n, n_mask, H, W, COUT, PRECISION, UPCAST)
+        elif tl.program_id(1) == SPLIT_K - 1:  # one slice adds the folded shift (the last: shortest)
+            acc = _add_tap_bias(acc, bt_ptr, oh, ow, m_mask, offs_n, n_mask, H, W, COUT, PRECISION, UPCAST)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(ACC)[None, :]
-    acc = tl.maximum(acc, 0.0)
-    y_ptrs = y_ptr + (b * sy_b + oh * sy_h + ow * sy_w)[:, None] + (offs_n * sy_c)[None, :]
-    tl.store(y_ptrs, round_to(acc, y_ptr.dtype.element_ty, UPCAST),
-             mask=m_mask[:, None] & n_mask[None, :])
-
-    if WANT_STATS:
-        # Two-pass within the tile (mean, then squared deviations): no raw sum of squares.
-        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC)
-        tmean = tl.sum(tl.where(m_mask[:, None], acc, 0.0), axis=0) / cnt
-        d = tl.where(m_mask[:, None], acc - tmean[None, :], 0.0)
-        tm2 = tl.sum(d * d, axis=0)
-        tl.store(pmean_ptr + pid_m * COUT + offs_n, tmean, mask=n_mask)
-        tl.store(pm2_ptr + pid_m * COUT + offs_n, tm2, mask=n_mask)
+    if SPLIT_K == 1:
+        fwd_epilogue(acc, pid_m, offs_n, m_mask, n_mask, b, oh, ow, bias_ptr, y_ptr, pmean_ptr, pm2_ptr,
+                     M, COUT, sy_b, sy_c, sy_h, sy_w, HAS_BIAS, WANT_STATS, ACC, UPCAST, BLOCK_M)
+    else:  # fp32 partial of this slice; splitk.reduce_fwd sums the slices, then the epilogue
+        part = part_ptr + tl.program_id(1) * M * COUT
+        tl.store(part + offs_m[:, None] * COUT + offs_n[None, :], acc,
+                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 _KEY = ["C1", "C2", "COUT", "M_BUCKET"]
 _conv3x3_fwd_kernel = triton.autotune(configs=_configs(), key=_KEY,
-                                      prune_configs_by={"early_config_prune": _prune})(_conv3x3_fwd_jit)
+                                      prune_configs_by={"early_config_prune": _prune},
+                                      post_hook=splitk.post_hook(splitk.reduce_fwd))(_conv3x3_fwd_jit)
 # fp64 (tests only): its tiles are twice as large, so the GPU configs can exceed shared memory.
 _conv3x3_fwd_kernel_f64 = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": MIN_BLOCK_M if is_interpreter() else 64, "BLOCK_N": 32,
-                            "BLOCK_K": 16}, num_warps=4, num_stages=1)], key=_KEY)(_conv3x3_fwd_jit)
-
-
-def pack_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(Cout, Cin, 3, 3) conv weight -> (9, Cin, Cout) contiguous in ``dtype``.
-
-    The layout the kernel wants: for one tap a (BLOCK_K, BLOCK_N) tile is contiguous along Cout.
-    Cheap (one copy of a small tensor); callers that run the same conv several times per forward
-    (BiO-Net's iterations share weights) may pack once and pass ``packed_weight``.
-    """
-    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
-        raise ValueError(f"weight must be (Cout, Cin, 3, 3), got {tuple(weight.shape)}; "
-                         f"only 3x3 convolutions are fused.")
-    cout, cin = weight.shape[:2]
-    return weight.detach().permute(2, 3, 1, 0).reshape(9, cin, cout).to(dtype).contiguous()
-
-
-@triton.jit
-def _fold_kernel(w_ptr, s1_ptr, b1_ptr, s2_ptr, b2_ptr, wp_ptr, bt_ptr, C1, CIN, COUT,
-                 AFF1: tl.constexpr, AFF2: tl.constexpr, ACC: tl.constexpr, HI: tl.constexpr,
-                 EMULATE_RNE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One (tap, Cout block): wp[tap, c, n] = w[tap, c, n] * s[c] and Bt[tap, n] = sum_c w*b,
-    stored as hi (row tap) + lo (row 9 + tap) in wp's dtype. w is the packed (9, CIN, COUT)
-    weight (any float dtype), so every load is coalesced along COUT."""
-    tap = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < COUT
-    bt = tl.zeros((BLOCK_N,), dtype=ACC)
-    for c0 in range(0, CIN, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = offs_c < CIN
-        first = offs_c < C1
-        mask = c_mask[:, None] & n_mask[None, :]
-        w = tl.load(w_ptr + (tap * CIN + offs_c)[:, None] * COUT + offs_n[None, :], mask=mask,
-                    other=0.0).to(bt.dtype)
-        sc = tl.zeros((BLOCK_C,), dtype=bt.dtype) + 1.0
-        sh = tl.zeros((BLOCK_C,), dtype=bt.dtype)
-        if AFF1:
-            sc = tl.where(first, tl.load(s1_ptr + offs_c, mask=first & c_mask, other=1.0), sc)
-            sh = tl.where(first, tl.load(b1_ptr + offs_c, mask=first & c_mask, other=0.0), sh)
-        if AFF2:
-            sc = tl.where(first, sc, tl.load(s2_ptr + offs_c - C1, mask=(~first) & c_mask, other=1.0))
-            sh = tl.where(first, sh, tl.load(b2_ptr + offs_c - C1, mask=(~first) & c_mask, other=0.0))
-        tl.store(wp_ptr + (tap * CIN + offs_c)[:, None] * COUT + offs_n[None, :],
-                 round_to(w * sc[:, None], wp_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
-        bt += tl.sum(w * sh[:, None], axis=0)
-    hi = bt.to(HI).to(wp_ptr.dtype.element_ty)
-    lo = (bt - hi.to(bt.dtype)).to(wp_ptr.dtype.element_ty)
-    tl.store(bt_ptr + tap * COUT + offs_n, hi, mask=n_mask)
-    tl.store(bt_ptr + (9 + tap) * COUT + offs_n, lo, mask=n_mask)
-
-
-def fold_affine(packed: torch.Tensor, dtype: torch.dtype, c1: int, s1=None, b1=None, s2=None,
-                b2=None):
-    """Fold the input affines into the weight (one launch).
-
-    Args: packed = pack_weight(weight, any float dtype) (9, Cin, Cout); pack it in the weight's own
-        dtype (fp32) so that W*s is rounded only once; c1 = channels of the first half.
-    Returns wp (9, Cin, Cout) in ``dtype`` = packed * s[c], and bt (18, Cout) in ``dtype``:
-    rows 0-8 the hi part, rows 9-17 the lo part of Bt[tap, n] = sum_c packed[tap, c, n] * b[c].
-    """
-    _, cin, cout = packed.shape
-    wp = torch.empty((9, cin, cout), device=packed.device, dtype=dtype)
-    bt = torch.empty((18, cout), device=packed.device, dtype=dtype)
-    hi = {torch.float64: tl.float64, torch.float16: tl.float16}.get(dtype, tl.bfloat16)
-    block_n = min(64, max(16, triton.next_power_of_2(cout)))
-    dummy = packed
-    _fold_kernel[(9, triton.cdiv(cout, block_n))](
-        packed, s1 if s1 is not None else dummy, b1 if b1 is not None else dummy,
-        s2 if s2 is not None else dummy, b2 if b2 is not None else dummy, wp, bt, c1, cin, cout,
-        AFF1=s1 is not None, AFF2=s2 is not None, ACC=acc_dtype(dtype), HI=hi,
-        EMULATE_RNE=dot_upcast(dtype), BLOCK_C=32,
-        BLOCK_N=block_n)
-    return wp, bt
-
-
-def _check_folded(folded, has_affine: bool, dtype: torch.dtype, cin: int, cout: int):
-    """Validate a precomputed fold_affine result: (wp (9, cin, cout), bt (18, cout)) in ``dtype``."""
-    if not has_affine:
-        raise ValueError("folded= was given without an input affine; pass packed_weight instead.")
-    wp, bt = folded
-    if (tuple(wp.shape) != (9, cin, cout) or tuple(bt.shape) != (18, cout) or wp.dtype != dtype
-            or bt.dtype != dtype or not (wp.is_contiguous() and bt.is_contiguous())):
-        raise ValueError(f"folded must be fold_affine(...) for (9, {cin}, {cout}) in {dtype}; got "
-                         f"{tuple(wp.shape)} {wp.dtype} and {tuple(bt.shape)} {bt.dtype}.")
-    return wp, bt
+    configs=splitk.configs([(MIN_BLOCK_M if is_interpreter() else 64, 32, 16, 4, 1)]),
+    key=_KEY)(_conv3x3_fwd_jit)
 
 
 def _kernel_for(dtype: torch.dtype):
     return _conv3x3_fwd_kernel_f64 if dtype == torch.float64 else _conv3x3_fwd_kernel
 
 
+def _base_config(kernel) -> triton.Config:
+    """The tile a forced split runs on: the pinned GPU config, or the kernel's only one
+    (interpreter, fp64)."""
+    if len(kernel.configs) == 1:
+        return kernel.configs[0]
+    return splitk.configs([_GPU_CONFIGS[1]])[0]
+
+
 def conv3x3_fwd(x1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 x2: Optional[torch.Tensor] = None, s1: Optional[torch.Tensor] = None,
                 b1: Optional[torch.Tensor] = None, s2: Optional[torch.Tensor] = None,
                 b2: Optional[torch.Tensor] = None, *, want_stats: bool = True,
-                packed_weight: Optional[torch.Tensor] = None, folded: Optional[tuple] = None):
+                packed_weight: Optional[torch.Tensor] = None, folded: Optional[tuple] = None,
+                split_k: Optional[int] = None):
     """Fused conv3x3(pad 1) + bias + ReLU with BatchNorm statistics of the result.
 
     Args:
@@ -308,6 +258,9 @@ def conv3x3_fwd(x1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
             affine it is folded from (fp32 keeps W*s to one rounding), without one cast to x1's dtype.
         folded: optional ``fold_affine(packed, x1.dtype, C1, s1, b1, s2, b2)`` computed earlier for
             these very affines (inference reuses it across calls); s1..b2 are then only checked.
+        split_k: force a deterministic split-K into this many K slices (kernels/splitk.py) on the
+            pinned tile (tests, benchmarks); None = BIONET_FAST_SPLIT_K if set, else the autotuner's
+            choice (split configs only where output tiles are fewer than SMs; never when pinned).
     Returns:
         y (B, Cout, H, W) in x1's dtype, channels_last; mean (Cout,) and m2 (Cout,) (sum of squared
         deviations from the mean over B*H*W) in fp32 (fp64 for fp64 input), or None, None.
@@ -357,19 +310,25 @@ def conv3x3_fwd(x1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     pm2 = torch.empty_like(pmean)
     x2_ = x1 if x2 is None else x2  # dummy pointer when absent (never read: HAS_X2=False)
     dummy = pmean  # likewise for an absent bias
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)  # noqa: E731
-    kernel = _kernel_for(x1.dtype)
-    kernel[grid](
-        x1, x2_, wp, wp if bt is None else bt, dummy if bias is None else bias, y, pmean, pm2,
-        m, h, w, c1, c2, cout, triton.next_power_of_2(m),
-        *x1.stride(), *x2_.stride(), *y.stride(),
-        HAS_X2=x2 is not None, TAP_BIAS=has_affine,
-        HAS_BIAS=bias is not None, WANT_STATS=want_stats, ACC=acc_dtype(x1.dtype),
-        PRECISION=dot_precision(x1.dtype), UPCAST=dot_upcast(x1.dtype))
+    kernel, split = _kernel_for(x1.dtype), splitk.forced(split_k)
+    m_bucket = triton.next_power_of_2(m)
+    part = splitk.workspace(m, m_bucket, cout, x1, sdt, kernel.configs, split)
+    args = (x1, x2_, wp, wp if bt is None else bt, dummy if bias is None else bias, y, pmean, pm2,
+            part, m, h, w, c1, c2, cout, m_bucket, *x1.stride(), *x2_.stride(), *y.stride())
+    consts = dict(HAS_X2=x2 is not None, TAP_BIAS=has_affine, HAS_BIAS=bias is not None,
+                  WANT_STATS=want_stats, ACC=acc_dtype(x1.dtype), PRECISION=dot_precision(x1.dtype),
+                  UPCAST=dot_upcast(x1.dtype))
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),  # noqa: E731
+                         meta["SPLIT_K"])
+    forced = None if split is None else splitk.with_split(_clamp(_base_config(kernel), cout, c1, c2), split)
+    config = splitk.launch(kernel, grid, args, consts, forced)
+    rows = config.kwargs["BLOCK_M"]  # rows per statistics tile of the config just launched
+    if config.kwargs["SPLIT_K"] > 1:  # sum the slices in fixed order, then bias, ReLU, statistics
+        splitk.reduce_fwd(splitk.named(kernel, args, consts, config))
+        rows = splitk.REDUCE_BLOCK_M
     if not want_stats:
         return y, None, None
-    block_m = kernel.best_config.kwargs["BLOCK_M"]  # the config just launched
-    mean, m2 = merge_partials(pmean, pm2, triton.cdiv(m, block_m), m, block_m)
+    mean, m2 = merge_partials(pmean, pm2, triton.cdiv(m, rows), m, rows)
     return y, mean, m2
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from bionet_fast.augment import Augment, keras_matrices
+from bionet_fast.data.augment import Augment, keras_matrices
 
 NO_AFFINE = dict(rotation=0, shift=0, shear=0, zoom=0)
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-import bionet_fast.model as model_module
+import bionet_fast.models.recurrence as model_module
 from bionet_fast import BiONet, peak_step_memory
 
 CONFIGS = {
@@ -49,8 +49,8 @@ def test_gradients_and_running_stats_equal_the_plain_step(name):
 
 def test_checkpointing_only_while_training_with_grad(monkeypatch):
     calls = []
-    original = model_module._checkpointed
-    monkeypatch.setattr(model_module, "_checkpointed", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    original = model_module.checkpointed
+    monkeypatch.setattr(model_module, "checkpointed", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     model = BiONet(iterations=3, multiplier=0.25, depth=2, checkpoint_iters=True)
     x = torch.randn(1, 3, 32, 32)
     model.eval()(x)

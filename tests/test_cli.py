@@ -13,7 +13,7 @@ from PIL import Image
 from bionet_fast import BiONet
 from bionet_fast.evaluate import main as evaluate
 from bionet_fast.predict import main as predict
-from bionet_fast.synthetic import make_synthetic_nuclei
+from bionet_fast.data.synthetic import make_synthetic_nuclei
 from bionet_fast.train import main as train
 from bionet_fast.train import parse_args
 
@@ -205,8 +205,8 @@ def test_refuses_to_overwrite_a_run(tmp_path, capsys):
 def test_precise_bn_sets_population_statistics(tmp_path):
     """With --precise-bn covering the whole (4-image) training set in one batch, the saved running
     statistics are exactly the statistics of that batch under the final weights."""
-    from bionet_fast.synthetic import SyntheticNucleiDataset
-    from bionet_fast.train_data import SyntheticCrops
+    from bionet_fast.data.synthetic import SyntheticNucleiDataset
+    from bionet_fast.data.training import SyntheticCrops
 
     out = tmp_path / "run"
     assert train(TINY + ["--image-size", "32", "--n-train", "4", "--n-val", "2", "--precise-bn", "4",

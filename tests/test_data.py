@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from bionet_fast.data import SegmentationDataset, Sample, degrade_bicubic, detect_format, discover
-from bionet_fast.readers import binarize, read_image, read_mask, read_stack, to_float
+from bionet_fast.data.datasets import SegmentationDataset, Sample, degrade_bicubic, detect_format, discover
+from bionet_fast.data.readers import binarize, read_image, read_mask, read_stack, to_float
 
 RNG = np.random.default_rng(0)
 

@@ -6,7 +6,7 @@ import torch
 from port_layout import PortNet, randomise
 
 from bionet_fast import BiONet, load_official
-from bionet_fast.official import infer_config
+from bionet_fast.models.official import infer_config
 
 CASES = [  # port kwargs; small multipliers keep the CPU run short
     dict(iterations=1, multiplier=0.25, num_layers=4),

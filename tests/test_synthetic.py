@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bionet_fast.synthetic import SyntheticNucleiDataset, make_synthetic_nuclei
+from bionet_fast.data.synthetic import SyntheticNucleiDataset, make_synthetic_nuclei
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_write
+from ..utils.files import jsonable
+from ..utils.files import atomic_write, write_json  # noqa: F401 (re-exported)
 
 STATE_JSON = "training_state.json"
 ARGS_JSON = "train_args.json"
@@ -35,12 +36,7 @@ LAST_WEIGHTS = "last.safetensors"
 
 
 # --- atomic writes ------------------------------------------------------------------------------
-# atomic_write comes from bionet_fast.io: one implementation (write tmp, os.replace) for the package.
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    text = json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n"
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+# atomic_write / write_json come from bionet_fast.utils: one implementation for the package.
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> Path:
@@ -49,20 +45,12 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: O
     return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
 # --- metrics.jsonl --------------------------------------------------------------------------------
 def append_metrics(out: str | Path, record: dict) -> None:
     """Append one line to metrics.jsonl (rewritten atomically: a kill never leaves half a line)."""
     path = Path(out) / METRICS_JSONL
     lines = path.read_text().splitlines() if path.is_file() else []
-    lines.append(json.dumps(record, sort_keys=True, default=_jsonable))
+    lines.append(json.dumps(record, sort_keys=True, default=jsonable))
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 

@@ -6,37 +6,17 @@ the differences spelled out.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..utils.files import atomic_write
 from .config import BiONetConfig
 
 CONFIG_NAME = "config.json"
-_UMASK = os.umask(0)  # read the process umask once (os.umask can only be read by setting it)
-os.umask(_UMASK)
 WEIGHTS_NAME = "model.safetensors"
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call `write(tmp_path)` then rename tmp over `path`: a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_weights(state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:
@@ -46,27 +26,40 @@ def save_weights(state: Mapping[str, torch.Tensor], path: str | Path, metadata: 
 
 
 def save_pretrained(model, directory: str | Path, weights_name: str = WEIGHTS_NAME) -> Path:
-    """Write `directory/config.json` and `directory/<weights_name>`; returns the directory."""
+    """Write `directory/config.json` (the config plus its "architecture") and
+    `directory/<weights_name>`; returns the directory."""
     directory = Path(directory)
-    text = model.config.to_json()
+    data = {"architecture": getattr(model, "architecture", "bionet"), **model.config.to_dict()}
+    text = json.dumps(data, indent=2, sort_keys=True)
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
     save_weights(model.state_dict(), directory / weights_name, {"format": "pt", "library": "bionet_fast"})
     return directory
 
 
-def read_config(directory: str | Path) -> BiONetConfig:
+def read_config(directory: str | Path, config_cls=BiONetConfig, architecture: str = "bionet"):
+    """The config of a saved folder as `config_cls`; ValueError if the folder holds another
+    architecture (folders older than the "architecture" key are BiONets)."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: expected a folder written by "
-                                "BiONet.save_pretrained or python -m bionet_fast.train --out")
-    return BiONetConfig.from_dict(json.loads(path.read_text()))
+                                "save_pretrained or python -m bionet_fast.train --out")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the folder's config is damaged") from None
+    found = data.pop("architecture", "bionet")
+    if found != architecture:
+        raise ValueError(f"{directory} holds a {found} checkpoint, not a {architecture}; load it with "
+                         f"bionet_fast.from_pretrained({str(directory)!r}), which picks the class")
+    return config_cls.from_dict(data)
 
 
 def load_pretrained(cls, directory: str | Path, weights_name: str = WEIGHTS_NAME, **overrides: Any):
     """Build `cls` from `directory/config.json` (overrides win) and load `directory/<weights_name>`."""
-    config = read_config(directory)
+    config_cls = getattr(cls, "config_class", BiONetConfig)
+    config = read_config(directory, config_cls, getattr(cls, "architecture", "bionet"))
     data = {**config.to_dict(), **overrides}
-    model = cls.from_config(BiONetConfig.from_dict(data))
+    model = cls.from_config(config_cls.from_dict(data))
     weights = Path(directory) / weights_name
     if not weights.is_file():
         raise FileNotFoundError(f"no {weights_name} in {directory}; the folder holds "
@@ -84,11 +77,11 @@ def load_state(model, state: Mapping[str, torch.Tensor], source: str = "checkpoi
               for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         raise ValueError(
-            f"{source} does not match this BiONet configuration ({model.config.to_dict()}).\n"
+            f"{source} does not match this {type(model).__name__} configuration ({model.config.to_dict()}).\n"
             + _listing("missing keys", missing) + _listing("unexpected keys", unexpected)
             + _listing("shape mismatches", shapes)
             + "Build the model with the checkpoint's configuration (from its config.json), "
-              "e.g. BiONet.from_pretrained(folder) without architecture overrides.")
+              "e.g. bionet_fast.from_pretrained(folder) without architecture overrides.")
     model.load_state_dict(state)
 
 

@@ -10,21 +10,17 @@ only the wiring and the parameters; both backends share the same state_dict.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
-from torch.utils.checkpoint import checkpoint
 
-from .blocks import no_stats_update
-from .blocks.inference_cache import InferenceCache
-from .blocks.reference import RefOps
+from ..blocks.inference_cache import InferenceCache
+from ..blocks.reference import RefOps
 from .config import BiONetConfig
+from .recurrence import RecurrentModel, ckpt as _ckpt
 
 
 def _conv(cin: int, cout: int, k: int = 3) -> nn.Conv2d:
@@ -58,42 +54,15 @@ class _Norms(nn.Module):
         self.dec = nn.ModuleList(nn.ModuleList([bn(c[j]), bn(c[j]), bn(c[j])]) for j in range(cfg.depth))
 
 
-def _recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    # The recomputation in backward must normalise with the same batch statistics but must not
-    # update the running statistics a second time (torch.utils.checkpoint alone would).
-    return contextlib.nullcontext(), no_stats_update()
-
-
-def _checkpointed(fn: Callable, *args: Any, traceable: bool = True) -> Any:
-    """Non-reentrant checkpoint of fn(*args), where args may nest tensors in lists or tuples.
-
-    The tensors are passed as flat positional arguments: checkpoint hands only those to its parent
-    (a nested checkpoint then drops them) and would keep tensors inside containers alive itself.
-    traceable: whether torch.compile can trace fn (the reference blocks can; the fused ones are
-    opaque to it, so Dynamo runs such a checkpoint eagerly, where context_fn is what keeps the
-    running statistics from a second update).
-    """
-    leaves, spec = tree_flatten(args)
-    flat = lambda *xs: fn(*tree_unflatten(list(xs), spec))  # noqa: E731
-    if traceable and torch.compiler.is_compiling():
-        # Under torch.compile the recomputation is part of the compiled backward graph, which does
-        # not replay the forward's buffer mutations (and context_fn must be dispatch modes there).
-        return checkpoint(flat, *leaves, use_reentrant=False, preserve_rng_state=False)
-    return checkpoint(flat, *leaves, use_reentrant=False, preserve_rng_state=False,
-                      context_fn=_recompute_contexts)
-
-
-def _ckpt(ops, fn: Callable, *args: Any) -> Any:
-    """_checkpointed(fn, *args) for blocks of backend `ops` (torch.compile traces only the reference)."""
-    return _checkpointed(fn, *args, traceable=ops.name == "reference")
-
-
-class BiONet(nn.Module):
+class BiONet(RecurrentModel):
     """Bi-directional O-shape network (Xiang et al., MICCAI 2020).
 
     Args mirror `BiONetConfig`. `forward(x)` maps (B, in_channels, H, W) to logits
     (B, classes, H, W); H and W must be multiples of 2**(depth+1).
     """
+
+    architecture = "bionet"
+    config_class = BiONetConfig
 
     def __init__(self, in_channels: int = 3, classes: int = 1, iterations: int = 3,
                  multiplier: float = 1.0, depth: int = 4, backward_skips: Optional[int] = None,
@@ -143,10 +112,6 @@ class BiONet(nn.Module):
     def size_multiple(self) -> int:
         return self.config.size_multiple
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """timm-style switch: checkpoint each recurrent iteration while training with grad enabled."""
-        self.config.checkpoint_iters = bool(enable)
-
     # --- backend ----------------------------------------------------------------------------
     def resolved_backend(self, device: torch.device) -> str:
         """The backend a forward on `device` runs: env BIONET_FAST_BACKEND, else the config;
@@ -160,7 +125,7 @@ class BiONet(nn.Module):
 
     def _ops(self, device: torch.device):
         if self.resolved_backend(device) == "triton":
-            from .blocks.fused import FusedOps  # imported lazily: it needs triton
+            from ..blocks.fused import FusedOps  # imported lazily: it needs triton
 
             inference = not self.training and not torch.is_grad_enabled()
             return FusedOps(self.inference_cache if inference else None)
@@ -195,9 +160,6 @@ class BiONet(nn.Module):
                                  "bionet_fast.sliding_window_inference for images of any size.")
 
     # --- forward ----------------------------------------------------------------------------
-    def _checkpointing(self) -> bool:
-        return self.config.checkpoint_iters and self.training and torch.is_grad_enabled()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) -> logits (B, classes, H, W)."""
         self.check_input(x)
@@ -223,35 +185,6 @@ class BiONet(nn.Module):
         h = ops.block(list(outs), self.head[0], self.head_norms[0])
         h = ops.block([h], self.head[1], self.head_norms[1])
         return self.head[2](ops.dense(h))
-
-    def segments(self) -> list[range]:
-        """Iterations grouped for segment checkpointing: only each group's first boundary is kept
-        through the forward. `checkpoint_segments=None` picks ceil(sqrt(t)) groups above t=16 and one
-        group per iteration below (plain per-iteration checkpointing)."""
-        t, n = self.config.iterations, self.config.checkpoint_segments
-        if n is None:
-            n = math.ceil(math.sqrt(t)) if t > 16 else t
-        size = math.ceil(t / min(n, t))
-        return [range(s, min(s + size, t)) for s in range(0, t, size)]
-
-    def _recurrence(self, ops, x0) -> list:
-        """Run the t iterations; returns the outputs the head needs (last one, or all with INT)."""
-        ckpt = self._checkpointing()
-        groups = self.segments() if ckpt else [range(self.config.iterations)]
-        outs, backs = [], None
-        for group in groups:
-            run = lambda x, b, g=group: self._segment(ops, g, ckpt, x, b)  # noqa: E731
-            seg_outs, backs = _ckpt(ops, run, x0, backs) if ckpt and len(group) > 1 else run(x0, backs)
-            outs.extend(seg_outs)
-        return [o for o in outs if o is not None]
-
-    def _segment(self, ops, group: range, ckpt: bool, x0, backs):
-        outs = []
-        for i in group:
-            step = lambda x, b, i=i: self._iteration(ops, i, x, b)  # noqa: E731
-            out, backs = _ckpt(ops, step, x0, backs) if ckpt else step(x0, backs)
-            outs.append(out)
-        return outs, backs
 
     def _iteration(self, ops, i: int, x0, backs: Optional[list]):
         """One O-shaped pass. x0: first-stage output (B, c0, H/2, W/2); backs: the previous
@@ -286,31 +219,6 @@ class BiONet(nn.Module):
             decs[j] = d if cfg.has_backward_skip(j) else None  # keep alive only what is read
             up = ops.up(d, dec.resample, bn[2]) if j > lowest or need_out else None
         return up, decs
-
-    # --- inference and persistence ----------------------------------------------------------
-    @torch.inference_mode()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Probabilities in eval mode: sigmoid for one class, softmax over dim 1 for more."""
-        was_training = self.training
-        self.eval()
-        try:
-            logits = self(x)
-        finally:
-            self.train(was_training)
-        return torch.sigmoid(logits) if self.config.classes == 1 else torch.softmax(logits, dim=1)
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `config.json` and `model.safetensors` into `directory` (atomically)."""
-        from .io import save_pretrained
-
-        return save_pretrained(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> "BiONet":
-        """Load a directory written by `save_pretrained` (or by the trainer); overrides win."""
-        from .io import load_pretrained
-
-        return load_pretrained(cls, directory, **overrides)
 
 
 def _triton_available() -> bool:

@@ -58,7 +58,7 @@ class SyntheticCrops(Dataset):
             y, x = np.random.default_rng([self.seed, self.epoch, i]).integers(0, size - self.crop + 1, 2)
             image, mask = (t[:, y:y + self.crop, x:x + self.crop] for t in (image, mask))
         if self.sr_scale:
-            from .data import degrade_bicubic
+            from .datasets import degrade_bicubic
 
             return degrade_bicubic(image, self.sr_scale), image
         return image, mask
@@ -77,7 +77,7 @@ def build_data(args) -> tuple[Dataset, Dataset, str, str]:
         return (SyntheticCrops(base, args.image_size, args.seed, sr), SyntheticCrops(held, None, 0, sr),
                 base.describe() + f", random {args.image_size}x{args.image_size} crops",
                 held.describe() + " (held out)")
-    from .data import SegmentationDataset
+    from .datasets import SegmentationDataset
 
     kw = dict(in_channels=args.in_channels, task=args.task, sr_scale=args.sr_scale)
     train = SegmentationDataset(args.train_data, args.data_format, image_size=args.image_size, train=True,

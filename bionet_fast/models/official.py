@@ -14,8 +14,8 @@ from typing import Any, Mapping
 import torch
 
 from .config import BiONetConfig
-from .io import load_state
-from .model import BiONet
+from .pretrained import load_state
+from .bionet import BiONet
 
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _CONV = ("weight", "bias")

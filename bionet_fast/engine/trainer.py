@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from bionet_fast import BiONet
+from ..data.training import EpochSampler, mix_seed, set_dataset_epoch
+from ..models import BiONet
 
-from . import trainer_io as tio
-from .evaluate import evaluate_loader, pick_device
+from . import checkpoint_io as tio
+from .inference import evaluate_loader, pick_device
 from .plots import plot_curves, plot_samples
-from .train_data import EpochSampler, mix_seed, set_dataset_epoch
 
 
 class NonFiniteLoss(RuntimeError):
@@ -91,7 +91,7 @@ class Trainer:
         self.augment = None
         if not args.no_augment:
             try:
-                from .augment import Augment
+                from ..data.augment import Augment
             except ImportError as err:  # kornia missing
                 raise ValueError(f"the augmentation needs kornia ({err}): pip install kornia, or pass "
                                  "--no-augment") from err

@@ -1,0 +1,149 @@
+"""Inference shared by train, evaluate and predict: device choice, loading a checkpoint for
+inference, tiled and blended prediction, validation losses and meters."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..metrics import PSNRMeter, RandMeter, SegmentationMeter
+from ..models import from_pretrained, load_official
+from .tiling import sliding_window_inference
+
+TASKS = ("segmentation", "super-resolution")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def load_checkpoint(path: str | Path, device: torch.device, backend: str = "auto") -> tuple[torch.nn.Module, dict]:
+    """A run folder of the trainer (config.json + model.safetensors, the best model), any folder
+    written by BiONet.save_pretrained, or an official port checkpoint (.pt). Returns the model in
+    eval mode on `device` and the run's training options (train_args.json; {} when absent)."""
+    path = Path(path)
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        model, args = load_official(path, backend=backend), {}
+    elif path.is_dir():
+        model = from_pretrained(path, backend=backend)
+        args_file = path / "train_args.json"
+        args = json.loads(args_file.read_text()) if args_file.is_file() else {}
+    else:
+        raise FileNotFoundError(f"checkpoint {path} not found: pass the --out folder of a training run "
+                                "(it holds config.json and model.safetensors) or an official .pt file")
+    return model.to(device).eval(), args
+
+
+@dataclass
+class InferenceOptions:
+    """What `evaluate` and `predict` need to load a model; None = the training run's choice."""
+
+    checkpoint: str | Path
+    device: str = "auto"
+    backend: str = "auto"
+    task: Optional[str] = None
+    sr_scale: Optional[int] = None
+    tile_size: Optional[int] = None
+
+
+def load_for_inference(opts: InferenceOptions) -> tuple[torch.nn.Module, torch.device, str, int, int]:
+    """The model of `opts.checkpoint` on `opts.device`, with task, sr_scale and tile_size defaulting
+    to the training run's: (model, device, task, sr_scale, tile_size). The default tile is the
+    training crop size (the BatchNorm statistics were estimated at it), else 512."""
+    device = pick_device(opts.device)
+    model, train_args = load_checkpoint(opts.checkpoint, device, opts.backend)
+    task = opts.task or train_args.get("task", "segmentation")
+    scale = opts.sr_scale or train_args.get("sr_scale", 2)
+    tile = opts.tile_size or train_args.get("image_size") or 512
+    return model, device, task, scale, tile
+
+
+def activation(task: str, classes: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits -> output: sigmoid (one class), softmax (several), identity (super-resolution)."""
+    if task == "super-resolution":
+        return lambda x: x
+    return torch.sigmoid if classes == 1 else (lambda x: torch.softmax(x, dim=1))
+
+
+@torch.no_grad()
+def infer(model: torch.nn.Module, images: torch.Tensor, task: str = "segmentation", tile_size: int = 512,
+          overlap: float = 0.25, mode: str = "gaussian", sw_batch_size: int = 4,
+          autocast: Optional[Callable] = None) -> torch.Tensor:
+    """images (B, C, H, W), any H, W -> probabilities (B, classes, H, W), or the super-resolved
+    image (B, C, H, W) clamped to [0, 1]. Runs in eval mode; the model's own mode is restored."""
+    was_training = model.training
+    model.eval()
+    act = activation(task, model.config.classes)
+    ctx = autocast or torch.autocast(images.device.type, enabled=False)
+
+    def run(windows: torch.Tensor) -> torch.Tensor:
+        with ctx:
+            return act(model(windows).float())
+
+    try:
+        out = sliding_window_inference(images, tile_size, run, overlap=overlap, mode=mode,
+                                       sw_batch_size=sw_batch_size, size_multiple=model.size_multiple)
+    finally:
+        model.train(was_training)
+    return out.clamp_(0, 1) if task == "super-resolution" else out
+
+
+def make_meter(task: str, classes: int, rand: bool):
+    if task == "super-resolution":
+        return PSNRMeter()
+    return RandMeter() if rand else SegmentationMeter(classes)
+
+
+def val_loss(out: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
+    """Summed loss of blended outputs (probabilities or images): BCE / NLL / MSE."""
+    if task == "super-resolution":
+        return F.mse_loss(out, target, reduction="sum") / out[0].numel()
+    p = out.clamp(1e-6, 1 - 1e-6)
+    if out.shape[1] == 1:
+        return F.binary_cross_entropy(p, target.float(), reduction="sum") / out[0].numel()
+    return F.nll_loss(p.log(), target[:, 0].long(), reduction="sum") / out[0, 0].numel()
+
+
+@torch.no_grad()
+def evaluate_loader(model: torch.nn.Module, loader, task: str, device: torch.device, tile_size: int,
+                    overlap: float = 0.25, rand: bool = False, keep: int = 0,
+                    autocast: Optional[Callable] = None, on_batch: Optional[Callable] = None):
+    """Run the model over a loader of (image, target) batches. Returns (meters, loss_sum, n_images,
+    kept) where meters = [main meter] (+ a SegmentationMeter beside a RandMeter) and kept holds
+    the first `keep` (image, target, output) triples on the CPU for plots."""
+    meters = [make_meter(task, model.config.classes, rand)]
+    if rand:
+        meters.append(SegmentationMeter(model.config.classes))
+    loss_sum, n, kept = 0.0, 0, []
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        out = infer(model, images, task, tile_size, overlap, autocast=autocast)
+        for meter in meters:
+            if task == "super-resolution":
+                meter.update(out, targets, baseline=images)
+            else:
+                meter.update(out, targets)
+        loss_sum += float(val_loss(out, targets, task))
+        n += images.shape[0]
+        for i in range(min(keep - len(kept), images.shape[0])):
+            kept.append((images[i].cpu(), targets[i].cpu(), out[i].cpu()))
+        if on_batch is not None:
+            on_batch(out, images.shape[0])
+    return meters, loss_sum, n, kept
+
+
+def summarize(meters, loss_sum: float, n: int) -> dict:
+    result = {}
+    for meter in reversed(meters):  # the main meter's n_images wins
+        result.update(meter.compute())
+    result["loss"] = loss_sum / max(n, 1)
+    return result

@@ -1,0 +1,130 @@
+"""The recurrence both models share: t iterations over one set of weights, and activation
+checkpointing across iterations (per iteration, nested segments, sqrt(t) above 16).
+
+`RecurrentModel` holds everything that is not the wiring of one iteration: the checkpoint policy,
+the iteration loop, `predict`, `set_grad_checkpointing` and the `save_pretrained` /
+`from_pretrained` pair. A model subclasses it and implements `_iteration`; BiONet and BiOLinkNet
+both run through `_recurrence`, so checkpointing keeps one set of guarantees (exact gradients,
+running statistics updated once, the same segments) for both.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.checkpoint import checkpoint
+
+from ..blocks import no_stats_update
+
+
+def _recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    # The recomputation in backward must normalise with the same batch statistics but must not
+    # update the running statistics a second time (torch.utils.checkpoint alone would).
+    return contextlib.nullcontext(), no_stats_update()
+
+
+def checkpointed(fn: Callable, *args: Any, traceable: bool = True) -> Any:
+    """Non-reentrant checkpoint of fn(*args), where args may nest tensors in lists or tuples.
+
+    The tensors are passed as flat positional arguments: checkpoint hands only those to its parent
+    (a nested checkpoint then drops them) and would keep tensors inside containers alive itself.
+    traceable: whether torch.compile can trace fn (the reference blocks can; the fused ones are
+    opaque to it, so Dynamo runs such a checkpoint eagerly, where context_fn is what keeps the
+    running statistics from a second update).
+    """
+    leaves, spec = tree_flatten(args)
+    flat = lambda *xs: fn(*tree_unflatten(list(xs), spec))  # noqa: E731
+    if traceable and torch.compiler.is_compiling():
+        # Under torch.compile the recomputation is part of the compiled backward graph, which does
+        # not replay the forward's buffer mutations (and context_fn must be dispatch modes there).
+        return checkpoint(flat, *leaves, use_reentrant=False, preserve_rng_state=False)
+    return checkpoint(flat, *leaves, use_reentrant=False, preserve_rng_state=False,
+                      context_fn=_recompute_contexts)
+
+
+def ckpt(ops, fn: Callable, *args: Any) -> Any:
+    """checkpointed(fn, *args) for blocks of backend `ops` (torch.compile traces only the reference;
+    `ops=None` means plain PyTorch modules)."""
+    return checkpointed(fn, *args, traceable=ops is None or ops.name == "reference")
+
+
+def segment_ranges(t: int, segments: Optional[int]) -> list[range]:
+    """Iterations 0..t-1 grouped for segment checkpointing. `segments=None` picks ceil(sqrt(t))
+    groups above t=16 and one group per iteration below (plain per-iteration checkpointing)."""
+    n = segments
+    if n is None:
+        n = math.ceil(math.sqrt(t)) if t > 16 else t
+    size = math.ceil(t / min(n, t))
+    return [range(s, min(s + size, t)) for s in range(0, t, size)]
+
+
+class RecurrentModel(nn.Module):
+    """Base of the recurrent encoder-decoders. A subclass sets `self.config` (with `iterations`,
+    `classes`, `checkpoint_iters`, `checkpoint_segments`, `checkpoint_stages`) and implements
+    `_iteration(ops, i, x0, backs) -> (output or None, backs)`."""
+
+    config: Any
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm-style switch: checkpoint each recurrent iteration while training with grad enabled."""
+        self.config.checkpoint_iters = bool(enable)
+
+    def _checkpointing(self) -> bool:
+        return bool(self.config.checkpoint_iters) and self.training and torch.is_grad_enabled()
+
+    def segments(self) -> list[range]:
+        """Iterations grouped for segment checkpointing: only each group's first boundary is kept
+        through the forward (see `segment_ranges`)."""
+        return segment_ranges(self.config.iterations, self.config.checkpoint_segments)
+
+    def _iteration(self, ops, i: int, x0, backs: Optional[list]):
+        raise NotImplementedError
+
+    def _recurrence(self, ops, x0) -> list:
+        """Run the t iterations; returns the outputs the head needs (the non-None ones, in order)."""
+        run_ckpt = self._checkpointing()
+        groups = self.segments() if run_ckpt else [range(self.config.iterations)]
+        outs, backs = [], None
+        for group in groups:
+            run = lambda x, b, g=group: self._segment(ops, g, run_ckpt, x, b)  # noqa: E731
+            seg_outs, backs = ckpt(ops, run, x0, backs) if run_ckpt and len(group) > 1 else run(x0, backs)
+            outs.extend(seg_outs)
+        return [o for o in outs if o is not None]
+
+    def _segment(self, ops, group: range, run_ckpt: bool, x0, backs):
+        outs = []
+        for i in group:
+            step = lambda x, b, i=i: self._iteration(ops, i, x, b)  # noqa: E731
+            out, backs = ckpt(ops, step, x0, backs) if run_ckpt else step(x0, backs)
+            outs.append(out)
+        return outs, backs
+
+    # --- inference and persistence ----------------------------------------------------------
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities in eval mode: sigmoid for one class, softmax over dim 1 for more."""
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self(x)
+        finally:
+            self.train(was_training)
+        return torch.sigmoid(logits) if self.config.classes == 1 else torch.softmax(logits, dim=1)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `config.json` and `model.safetensors` into `directory` (atomically)."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides: Any):
+        """Load a directory written by `save_pretrained` (or by the trainer); overrides win."""
+        from .pretrained import load_pretrained
+
+        return load_pretrained(cls, directory, **overrides)

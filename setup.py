@@ -3,8 +3,16 @@
 The top-level ``kernels/`` folder installs as ``bionet_fast.kernels``: PyPI's ``kernels``
 package owns the top-level name, and the kernels are an implementation detail of the
 fused blocks, not a library of their own.
+
+Dependencies: inference (evaluate, predict, export to TorchScript) needs only the install
+requirements; training adds ``[train]``; the Hub, ONNX and whole-slide readers are extras.
 """
 from setuptools import setup
+
+TRAIN = ["matplotlib", "tqdm", "PyYAML"]
+HUB = ["huggingface_hub"]
+ONNX = ["onnx", "onnxruntime"]
+INSTANCES = ["scipy"]
 
 setup(
     name="bionet_fast",
@@ -19,17 +27,22 @@ setup(
         "torch>=2.4",
         "numpy",
         "safetensors",
-        "tqdm",
         "Pillow",
         "tifffile",
-        "matplotlib",
-        "PyYAML",
-        "kornia",
     ],
     extras_require={
+        "train": TRAIN,
+        "hub": HUB,
+        "onnx": ONNX,
+        # predict --instances / --geojson / --measurements
+        "instances": INSTANCES,
+        # SVS / NDPI / MRXS whole slides (TIFF, BigTIFF, OME-TIFF need only tifffile)
+        "slides": ["tiffslide"],
         # Triton ships with CUDA builds of torch; on the CPU it runs the kernels in its interpreter.
         "triton": ["triton"],
         "bench": ["pytest-benchmark", "nvidia-ml-py"],
-        "test": ["pytest", "hypothesis", "triton", "kornia", "pytest-benchmark"],
+        # kornia only to check the torch augmentation against its warp_affine
+        "test": ["pytest", "hypothesis", "triton", "pytest-benchmark", "kornia", *TRAIN, *HUB, *ONNX,
+                 *INSTANCES],
     },
 )

@@ -176,8 +176,8 @@ def gpu_modules(pinned: bool):
         pkg = importlib.util.module_from_spec(spec)
         sys.modules[name] = pkg
         spec.loader.exec_module(pkg)
-        mods = SimpleNamespace(**{m: importlib.import_module(f"{name}.{m}")
-                                  for m in ("_utils", "_bwd_utils", "conv_fwd", "conv_bwd", "bn_stats")})
+        mods = SimpleNamespace(**{m: importlib.import_module(f"{name}.{m}") for m in
+                                  ("_utils", "_bwd_utils", "conv_fwd", "conv_bwd", "bn_stats", "splitk")})
     finally:
         if before is None:
             os.environ.pop("BIONET_FAST_AUTOTUNE", None)
@@ -200,9 +200,10 @@ def _tl_name(dt) -> str:
 
 
 def configs(kernel: str, dtype: str, channels: tuple, all_configs: bool) -> list:
-    """GPU configs [(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)] the autotuner of a GEMM kernel
-    would try at these channels, after its early_config_prune. all_configs False: the table of a run
-    with BIONET_FAST_AUTOTUNE=0 (one pinned config per kernel)."""
+    """GPU configs [(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)] the autotuner of a
+    GEMM kernel would try at these channels, after its early_config_prune (split-K configs: where
+    the layer's smallest level has fewer tiles than an H200 has SMs, aot_kernels.split_pixels).
+    all_configs False: the table of a run with BIONET_FAST_AUTOTUNE=0 (one pinned config per kernel)."""
     import torch
 
     dt = _torch_dtype(dtype)
@@ -213,10 +214,10 @@ def configs(kernel: str, dtype: str, channels: tuple, all_configs: bool) -> list
         # what a launch hands the prune: named args (CPU stand-ins for the pointers: their dtype
         # sets the shared-memory estimate, the limit falls back to the H100/H200's) and constexprs
         ptrs = {p: torch.empty(0, dtype=dt) for p in launch.act}
-        non_constexpr = {**launch.scalars, **ptrs}
+        non_constexpr = {**launch.scalars, **ptrs, **launch.prune_args}
         cfgs = tuner.early_config_prune(cfgs, non_constexpr, **launch.constexprs)
-    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-            for c in cfgs]
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages,
+             c.kwargs.get("SPLIT_K", 1)) for c in cfgs]
 
 
 @dataclass
@@ -239,6 +240,8 @@ def resolve(job: Job):
         cfg = tuple(job.config) if job.config else configs(job.kernel, job.dtype, job.channels, False)[0]
         constexprs.update(BLOCK_M=cfg[0], BLOCK_N=cfg[1], BLOCK_K=cfg[2])
         warps, stages, fn = cfg[3], cfg[4], fn.fn
+        if "SPLIT_K" in fn.arg_names:  # (BM, BN, BK, warps, stages, SPLIT_K); 5-tuples: unsplit
+            constexprs["SPLIT_K"] = cfg[5] if len(cfg) > 5 else 1
     ptrs = {p: _tl_name(dt) for p in launch.act} | launch.ptr_types
     return fn, constexprs, ptrs, launch.scalars, warps, stages, cfg
 

@@ -24,6 +24,24 @@ def _nhwc(prefix: str, channels: int) -> dict:
     return {prefix + "b": HEIGHT * WIDTH * c, prefix + "c": 1, prefix + "h": WIDTH * c, prefix + "w": c}
 
 
+def split_pixels(ch: tuple) -> int:
+    """Output pixels of the split-K prune's stand-in for layer (C1, C2, COUT): batch 2 at the
+    smallest level of a 512x512 input that has this layer's widest channel count (32 -> 256x256,
+    ..., 512 -> 16x16), where the tiles are fewest and split-K may pay. The compile itself does
+    not depend on it (HEIGHT x WIDTH specialise alike)."""
+    side = max(16, 16 * 512 // max(ch))
+    return BATCH * side * side
+
+
+def _split_prune(m, ch, n) -> dict:
+    """Named-arg stand-ins for the split-K prune: M at split_pixels, and a workspace (a meta tensor:
+    no memory) as large as the host allocates when it allows splits, n = the GEMM's N."""
+    import torch
+
+    pix = split_pixels(ch)
+    return dict(M=pix, part_ptr=torch.empty(max(m.splitk.SPLITS) * pix * n, device="meta"))
+
+
 @dataclass
 class Launch:
     """What one launch passes: the kernel (an Autotuner is resolved to its JITFunction and configs),
@@ -33,6 +51,7 @@ class Launch:
     constexprs: dict
     scalars: dict
     ptr_types: dict = field(default_factory=dict)  # pointers of a fixed dtype other than fp32
+    prune_args: dict = field(default_factory=dict)  # named-arg stand-ins only the prune reads
 
 
 # One builder per kernel: (GPU-mode modules, torch compute dtype, (C1, C2, COUT)) -> Launch, mirroring
@@ -47,7 +66,8 @@ def _conv_fwd(m, dt, ch):
         dict(HAS_X2=c2 > 0, TAP_BIAS=True, HAS_BIAS=True, WANT_STATS=True, ACC=u.acc_dtype(dt),
              PRECISION=u.dot_precision(dt), UPCAST=u.dot_upcast(dt)),
         dict(M=pix, H=HEIGHT, W=WIDTH, C1=c1, C2=c2, COUT=co, M_BUCKET=_next_pow2(pix),
-             **_nhwc("sx1_", c1), **_nhwc("sx2_", c2 or c1), **_nhwc("sy_", co)))
+             **_nhwc("sx1_", c1), **_nhwc("sx2_", c2 or c1), **_nhwc("sy_", co)),
+        prune_args=_split_prune(m, ch, co))
 
 
 def _fold(m, dt, ch):
@@ -73,7 +93,8 @@ def _dgrad(m, dt, ch):
              **_nhwc("sdy_", co), **_nhwc("sy_", co),
              # weight.to(memory_format=channels_last): (Cout, Cin, 3, 3) strides (9Cin, 1, 3Cin, Cin)
              sw_o=9 * cin, sw_i=1, sw_h=3 * cin, sw_w=cin,
-             **_nhwc("sx1_", c1), **_nhwc("sx2_", c2 or c1), **_nhwc("sd1_", c1), **_nhwc("sd2_", c2 or c1)))
+             **_nhwc("sx1_", c1), **_nhwc("sx2_", c2 or c1), **_nhwc("sd1_", c1), **_nhwc("sd2_", c2 or c1)),
+        prune_args=_split_prune(m, ch, cin))
 
 
 def _wgrad(m, dt, ch):
@@ -87,6 +108,29 @@ def _wgrad(m, dt, ch):
         dict(HAS_X2=c2 > 0, HAS_A1=True, HAS_A2=c2 > 0, **u.dot_meta(dt)),
         dict(H=HEIGHT, W=WIDTH, P=pix, C_OUT=co, C1=c1, C_IN=cin, CHUNK=chunk, P_BUCKET=u.size_bucket(pix),
              **_nhwc("sdy_", co), **_nhwc("sy_", co), **_nhwc("sx1_", c1), **_nhwc("sx2_", c2 or c1)))
+
+
+def _fwd_reduce(m, dt, ch):
+    # splitk.reduce_fwd after a split conv3x3_fwd: fp32 partials, y in the compute dtype, stats.
+    c1, c2, co = ch
+    sk, pix = m.splitk, split_pixels(ch)
+    side = int((pix // BATCH) ** 0.5)
+    return Launch(sk._fwd_reduce_kernel, ("y_ptr",),
+                  dict(HAS_BIAS=True, WANT_STATS=True, ACC=m._utils.acc_dtype(dt), UPCAST=m._utils.dot_upcast(dt),
+                       BLOCK_M=sk.REDUCE_BLOCK_M, BLOCK_N=sk._block_n(co)),
+                  dict(M=pix, H=side, W=side, COUT=co, SPLIT=max(sk.SPLITS), sy_b=side * side * co, sy_c=1,
+                       sy_h=side * co, sy_w=co))
+
+
+def _dgrad_reduce(m, dt, ch):
+    # splitk.reduce_dgrad after a split conv3x3_dgrad: both inputs, both scales (the widest variant).
+    c1, c2, co = ch
+    sk, u, pix, cin = m.splitk, m._bwd_utils, BATCH * HEIGHT * WIDTH, c1 + c2
+    return Launch(sk._dgrad_reduce_kernel, ("x1_ptr", "x2_ptr", "dx1_ptr", "dx2_ptr"),
+                  dict(HAS_X2=c2 > 0, HAS_S1=True, HAS_S2=c2 > 0, UPCAST=u.dot_upcast(dt), ACC=m._utils.acc_dtype(dt),
+                       BLOCK_M=sk.REDUCE_BLOCK_M, BLOCK_N=sk._block_n(cin)),
+                  dict(H=HEIGHT, W=WIDTH, M=pix, C1=c1, C_IN=cin, SPLIT=max(sk.SPLITS),
+                       **_nhwc("sx1_", c1), **_nhwc("sx2_", c2 or c1), **_nhwc("sd1_", c1), **_nhwc("sd2_", c2 or c1)))
 
 
 def _merge(m, dt, ch):
@@ -137,6 +181,8 @@ KERNELS = {
     "fold": KernelSpec("_fold_kernel", _fold, ("bf16", "fp16", "fp32")),
     "dgrad": KernelSpec("_dgrad_kernel", _dgrad, ("bf16", "fp16", "fp32"), gemm=True),
     "wgrad": KernelSpec("_wgrad_kernel", _wgrad, ("bf16", "fp16", "fp32"), gemm=True),
+    "fwd_splitk_reduce": KernelSpec("_fwd_reduce_kernel", _fwd_reduce, ("bf16", "fp16", "fp32")),
+    "dgrad_splitk_reduce": KernelSpec("_dgrad_reduce_kernel", _dgrad_reduce, ("bf16", "fp16", "fp32")),
     "bn_merge": KernelSpec("_merge_kernel", _merge, ("fp32",)),
     "bn_partial": KernelSpec("_partial_kernel", _partial, ("bf16", "fp32")),
     "bn_finalize": KernelSpec("_finalize_kernel", _finalize, ("fp32",)),

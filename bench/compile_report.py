@@ -11,7 +11,9 @@ skips it while benchmarking; a config that is the only one left crashes); spills
 Exits 1 when a config is over the limit or fails to compile.
 
 Default: the configs of a run with BIONET_FAST_AUTOTUNE=0 (one pinned config per GEMM kernel).
---all-configs: every config of the autotune tables.
+--all-configs: every config of the autotune tables, the split-K ones (config "... splitS") at the
+layers where the prune keeps them (fewer output tiles than SMs at the layer's smallest level, see
+bench/aot_kernels.split_pixels).
 Identical compiles (same config, signature and specialisation) are done once; the layers column
 lists every layer that shares one.
 """
@@ -67,8 +69,8 @@ def _inputs(r: dict) -> int:
 
 
 def _cfg(r: dict) -> str:
-    m, n, k, w, s = r["config"]
-    return f"{m}x{n}x{k} w{w} s{s}"
+    m, n, k, w, s, *split = r["config"]  # (..., SPLIT_K) for the split-K GEMMs
+    return f"{m}x{n}x{k} w{w} s{s}" + (f" split{split[0]}" if split and split[0] > 1 else "")
 
 
 def report(dtype: str, all_configs: bool, workers: int) -> tuple[str, dict]:
@@ -92,8 +94,12 @@ def report(dtype: str, all_configs: bool, workers: int) -> tuple[str, dict]:
         row, status = _row(r)
         lines.append(row)
         counts[status] += 1
+    split = [r for r in results if len(r["config"] or ()) > 5 and r["config"][5] > 1]
+    bad = sum(1 for r in split if r["error"] or r["spill_stores"] or r["spill_loads"]
+              or r["shared"] > SHARED_LIMIT)
     lines += ["", f"ok {counts['ok']}, spilling {counts['spills']}, over the shared-memory limit "
-                  f"{counts['over']}, failed to compile {counts['error']}."]
+                  f"{counts['over']}, failed to compile {counts['error']}. Split-K configs: "
+                  f"{len(split)}, of which spilling, over the limit or failed: {bad}."]
     return "\n".join(lines), counts
 
 

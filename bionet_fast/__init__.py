@@ -2,19 +2,32 @@
 
 Public API:
     BiONet, BiONetConfig          the model (reference or fused Triton backend) and its config
+    BiOLinkNet, BiOLinkNetConfig  LinkNet with BiO-Net's recurrence (PyTorch path) and its config
     create_model, from_pretrained build any architecture by name / load any saved folder
     load_official                 import a checkpoint of the official PyTorch port
     peak_step_memory              peak bytes of one training step (CUDA allocator, or a CPU count)
     saved_activation_bytes        bytes a train-mode forward keeps for backward
+    plan_memory                   predict a training step's memory, pick the checkpointing that fits
     sliding_window_inference      tiled, blended inference on images of any size
+    export                        one ONNX / TorchScript / ExportedProgram file (+ JSON) of a model
 
 Layers (each imports only those below it): the CLIs (train, evaluate, predict) -> engine ->
 models -> blocks -> kernels; data, metrics and utils are leaves.
 """
-from .engine.memory import peak_step_memory, saved_activation_bytes
-from .engine.tiling import sliding_window_inference
-from .models import BiONet, BiONetConfig, create_model, from_pretrained, load_official
+import os as _os
 
-__all__ = ["BiONet", "BiONetConfig", "create_model", "from_pretrained", "load_official",
-           "peak_step_memory", "saved_activation_bytes", "sliding_window_inference"]
+# OpenMP threads that spin while they wait make torch many times slower on a CPU shared with another
+# job (engine/cpu_threads.py); this must be set before torch loads its OpenMP runtime. Yours wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .engine.export import export  # noqa: E402
+from .engine.memory import peak_step_memory, saved_activation_bytes
+from .engine.planner import plan_memory
+from .engine.tiling import sliding_window_inference
+from .models import (BiOLinkNet, BiOLinkNetConfig, BiONet, BiONetConfig, create_model, from_pretrained,
+                     load_official)
+
+__all__ = ["BiOLinkNet", "BiOLinkNetConfig", "BiONet", "BiONetConfig", "create_model", "export", "from_pretrained",
+           "load_official",
+           "peak_step_memory", "plan_memory", "saved_activation_bytes", "sliding_window_inference"]
 __version__ = "0.1.0"

@@ -20,11 +20,16 @@ import sys
 from pathlib import Path
 
 import torch
+from .utils.progress import tqdm
 
 from .engine.writers import write_outputs
 from .utils.files import write_json
-from ._cli import inference_options
+from ._cli import AT_LEAST_1, FRACTION, check_multiple, check_numbers, check_writable, inference_options
+from .data import SegmentationDataset
+from .data.training import synthetic_heldout, uniform_sizes
+from .engine.cuda_graph import graphed_forward
 from .engine.inference import TASKS, evaluate_loader, load_for_inference, summarize
+from .engine.precision import PRECISIONS, autocast_context, prepare_model, resolve_precision
 
 
 # --- the CLI -------------------------------------------------------------------------------------------
@@ -34,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="the --out folder of a training run (or a folder from save_pretrained, or an "
                         "official .pt checkpoint)")
-    p.add_argument("--data", required=True, metavar="DIR", help="labelled images to score")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="labelled images to score; 'synthetic': the 48 held-out synthetic images the "
+                        "synthetic training run validates on")
     p.add_argument("--out", metavar="DIR", help="where metrics.json (and predictions) go "
-                   "(default: CHECKPOINT/eval-<data folder name>)")
+                   "(default: CHECKPOINT/eval-<data folder name>; beside a .pt file)")
     p.add_argument("--data-format", "--format", default="auto",
                    choices=("auto", "folder", "tnbc", "tiff-stack"), help="dataset layout (default: auto)")
     p.add_argument("--task", choices=TASKS, help="default: the task the checkpoint was trained for")
@@ -49,31 +56,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write each predicted mask (PNG 0/255) and probability map (16-bit PNG)")
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA: replay a captured forward per window shape (less launch overhead); "
+                        "without CUDA: a message, then eager")
     p.add_argument("--batch-size", type=int, default=1, help="images per batch (same-size images only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--precision", choices=PRECISIONS, help="default: bf16 on CUDA and on CPUs with native bf16 "
+                   "(AVX512-BF16 / AMX), else fp32; bf16/fp16 run channels_last")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Score a checkpoint; returns 0, or 2 for bad input (nothing written)."""
     args = build_parser().parse_args(argv)
-    from .data import SegmentationDataset
 
     try:
+        check_numbers(args, NUMBERS)
+        out = check_writable(Path(args.out) if args.out else default_out(args.checkpoint, args.data), "--out")
         model, device, task, scale, tile = load_for_inference(inference_options(args))
-        ds = SegmentationDataset(args.data, args.data_format, in_channels=model.config.in_channels,
-                                 task=task, sr_scale=scale, train=False)
+        check_multiple("--tile-size", args.tile_size, model.size_multiple, "the model's size multiple")
+        precision = resolve_precision(args.precision, device)
+        ds, text, names = _dataset(args, model, task, scale)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval-{Path(args.data).name}"
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"data: {ds.describe()}")
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size if len(set(ds.shapes)) == 1 else 1)
-    rand = task == "segmentation" and ds.fmt == "tiff-stack"
-    saver = _PredictionSaver(out / "predictions", ds) if args.save_predictions else None
-    meters, loss_sum, n, _ = evaluate_loader(model, loader, task, device, tile, args.overlap,
-                                             rand=rand, on_batch=saver)
+    print(f"data: {text}\nwindows: {tile}x{tile}, overlap {args.overlap}")
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size if uniform_sizes(ds) else 1)
+    loader = tqdm(loader, desc="evaluating", unit="batch", disable=args.quiet, dynamic_ncols=True, leave=False)
+    rand = task == "segmentation" and getattr(ds, "fmt", None) == "tiff-stack"
+    saver = _PredictionSaver(out / "predictions", names, task) if args.save_predictions else None
+    forward = graphed_forward(model, device, args.cuda_graph)
+    prepare_model(model, precision != "fp32")
+    meters, loss_sum, n, _ = evaluate_loader(model, loader, task, device, tile, args.overlap, forward=forward,
+                                             rand=rand, on_batch=saver, channels_last=precision != "fp32",
+                                             autocast=autocast_context(precision, device))
     result = summarize(meters, loss_sum, n)
-    result.update(checkpoint=str(args.checkpoint), data=str(args.data), task=task)
+    result.update(checkpoint=str(args.checkpoint), data=str(args.data), task=task, precision=precision)
     write_json(out / "metrics.json", result)
     keys = ("psnr", "psnr_bicubic") if task == "super-resolution" else ("dice", "iou", "rand_f")
     print("  ".join(f"{k} {result[k]:.4f}" for k in keys if k in result) + f"  ({n} images)")
@@ -81,16 +99,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _PredictionSaver:
-    """Callback of evaluate_loader writing each output under the sample's name."""
+NUMBERS = dict(batch_size=AT_LEAST_1, overlap=FRACTION, tile_size=AT_LEAST_1, sr_scale=AT_LEAST_1)
 
-    def __init__(self, folder: Path, ds):
-        self.folder, self.ds, self.i = folder, ds, 0
+
+def default_out(checkpoint: str, data: str) -> Path:
+    """CHECKPOINT/eval-DATA for a run folder; beside the file (NAME-eval-DATA) for a .pt file."""
+    ckpt, name = Path(checkpoint), Path(data).name
+    if ckpt.is_dir():
+        return ckpt / f"eval-{name}"
+    if ckpt.is_file():
+        return ckpt.with_name(f"{ckpt.stem}-eval-{name}")
+    return Path(f"eval-{ckpt.name}-{name}")  # a Hub repo id: in the current folder
+
+
+def _dataset(args, model, task: str, scale: int):
+    """(dataset, description, names of its items) of --data (a folder, or 'synthetic')."""
+    sr = scale if task == "super-resolution" else None
+    if args.data == "synthetic":
+        ds, text = synthetic_heldout(channels=model.config.in_channels, sr_scale=sr)
+        return ds, text, [f"synthetic{i:02d}" for i in range(len(ds))]
+    ds = SegmentationDataset(args.data, args.data_format, in_channels=model.config.in_channels,
+                             task=task, sr_scale=scale, train=False,
+                             classes=model.config.classes if task == "segmentation" else 1)
+    return ds, ds.describe(), [ds.samples[i].name for i, _, _ in ds.items]
+
+
+class _PredictionSaver:
+    """Callback of evaluate_loader writing each output under its item's name."""
+
+    def __init__(self, folder: Path, names: list[str], task: str):
+        self.folder, self.names, self.task, self.i = folder, names, task, 0
 
     def __call__(self, out: torch.Tensor, count: int) -> None:
         for k in range(count):
-            name = self.ds.samples[self.ds.items[self.i][0]].name
-            write_outputs(self.folder, name, out[k], self.ds.task)
+            write_outputs(self.folder, self.names[self.i], out[k], self.task)
             self.i += 1
 
 

@@ -1,20 +1,37 @@
-"""Segment new images with a trained BiO-Net.
+"""Segment new images, up to whole slides, with a trained BiO-Net.
 
     python -m bionet_fast.predict --checkpoint runs/bionet-t5 IMAGE_OR_FOLDER... --out DIR
+    torchrun --nproc_per_node 4 -m bionet_fast.predict --checkpoint RUN SLIDES/ --out DIR   # many slides
 
-Accepts PNG, JPEG, BMP and TIFF files of any size (whole 1000x1000 MoNuSeg tiles or larger: they
-are processed in overlapping tiles and blended), and folders of them. For each image NAME writes:
-  NAME_mask.png   the nuclei mask, 0 = background, 255 = nucleus (probability > 0.5)
-                  (several classes: the class index of every pixel)
-  NAME_prob.png   the nucleus probability as a 16-bit grey PNG (0..65535 = 0..1), or NAME_prob.tif
-                  (float32, one page per class) with --prob-format tiff
-Multi-page TIFF stacks give multi-page NAME_mask.tif / NAME_prob.tif.
+Accepts PNG, JPEG, BMP, TIFF / BigTIFF / OME-TIFF / SVS / NDPI (pyramids: --level or --mpp), other
+whole-slide formats through tiffslide or openslide-python (pip install 'bionet_fast[slides]'), and
+folders of them. Images of any size are processed in overlapping windows, blended, and read and
+written a row of windows at a time: memory is set by the window and the image width, not the slide.
+For each image NAME writes:
+  PNG / JPEG / BMP inputs:
+    NAME_mask.png   the nuclei mask, 0 = background, 255 = nucleus (probability > 0.5)
+                    (several classes: the class index of every pixel)
+    NAME_prob.png   the nucleus probability as a 16-bit grey PNG (0..65535 = 0..1), or NAME_prob.tif
+                    (float32; several classes: an ImageJ hyperstack, one channel per class)
+  TIFF and whole-slide inputs (tiled BigTIFF, zlib, the input's pixel size carried over):
+    NAME_mask.tif   uint8 mask as above
+    NAME_prob.tif   uint16 probability (0..65535 = 0..1; float32 with --prob-format tiff), one grey
+                    page per class
+  --instances       NAME_labels.tif: uint32 nuclei labels (connected components, holes filled)
+  --geojson         NAME.geojson: one polygon per nucleus (QuPath: drag and drop onto the image)
+  --measurements    NAME_nuclei.csv: label, centroid, area, mean probability, bounding box
+Multi-page TIFF stacks give NAME_mask.tif (Z grey pages) / NAME_prob.tif (ImageJ ZCYX); a TIFF
+whose pages differ in size gives one output page per input page.
+Outputs appear under their names only when complete; a rerun skips images whose outputs are all
+there (--overwrite redoes them). Under torchrun (or RANK / WORLD_SIZE set) the images are split
+across the processes, each image done by exactly one.
 For a super-resolution model the input is the low-resolution image; it is upsampled --sr-scale
 times (bicubic) and refined: NAME_sr.png.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,34 +40,59 @@ import torch
 import torch.nn.functional as F
 
 from ._cli import inference_options
-from .engine.inference import TASKS, infer, load_for_inference
-from .engine.writers import write_outputs, write_stack
 from .data.readers import IMAGE_EXTS, TIFF_EXTS, match_channels, read_image, read_stack, to_float
+from .engine.cuda_graph import graphed_forward
+from .engine.inference import TASKS, infer, load_for_inference, window_predictor
+from .engine.precision import PRECISIONS, autocast_context, prepare_model, resolve_precision
+from .engine.slide import SLIDE_EXTS, file_mpp, open_slide
+from .engine.streaming import StreamOptions
+from .engine.whole_slide import OutputOptions, expected_outputs, predict_image
+from .engine.writers import write_outputs, write_pages, write_stack
 
+INPUT_EXTS = IMAGE_EXTS + SLIDE_EXTS + (".btf",)
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
-    """Files as given; folders expanded to their image files (sorted). Raises for missing paths."""
+    """Files as given; folders expanded to their image files (sorted); a file named twice counts
+    once. Raises for missing paths."""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS and not f.name.startswith("."))
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in INPUT_EXTS and not f.name.startswith("."))
             if not found:
-                raise ValueError(f"folder {p} holds no images ({', '.join(IMAGE_EXTS)})")
+                raise ValueError(f"folder {p} holds no images ({', '.join(INPUT_EXTS)})")
             files += found
         elif p.is_file():
             files.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such image file or folder")
-    return files
+    seen: set[Path] = set()
+    return [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
 
 
-def _read_pages(path: Path, in_channels: int) -> list[torch.Tensor]:
-    """Every page of an image file as float (C, H, W) in [0, 1] with the model's channel count."""
-    pages = read_stack(path) if path.suffix.lower() in TIFF_EXTS else read_image(path)[None]
-    return [torch.from_numpy(np.ascontiguousarray(match_channels(to_float(p), in_channels, path)
-                                                  .transpose(2, 0, 1))) for p in pages]
+def output_names(files: list[Path]) -> list[str]:
+    """One output name per input, never two alike: the file's stem, or where stems collide
+    (a/im0.png, b/im0.png) the path from the colliding files' common folder joined by "__", with
+    the extension added if that still collides (im0.png, im0.tif)."""
+    stems = [f.stem for f in files]
+    names = list(stems)
+    for stem in set(stems):
+        group = [i for i, s in enumerate(stems) if s == stem]
+        if len(group) < 2:
+            continue
+        common = Path(os.path.commonpath([str(files[i].resolve().parent) for i in group]))
+        for i in group:
+            rel = files[i].resolve().relative_to(common)
+            names[i] = "__".join(rel.with_suffix("").parts)
+        if len({names[i] for i in group}) < len(group):
+            for i in group:
+                names[i] += "_" + files[i].suffix.lstrip(".").lower()
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ValueError(f"inputs would share the output name(s) {', '.join(clash)}: rename one of "
+                         f"{', '.join(str(f) for f, n in zip(files, names) if n in clash)}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,44 +103,189 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the --out folder of a training run (or an official .pt checkpoint)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the masks and probability maps")
     p.add_argument("--prob-format", choices=("png", "tiff"), default="png",
-                   help="probability maps as 16-bit PNG (default) or float32 TIFF")
-    p.add_argument("--tile-size", type=int,
-                   help="images are processed in overlapping tiles of this side (default: the training "
-                        "--image-size, else 512); smaller uses less memory")
-    p.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
-    p.add_argument("--task", choices=TASKS,
-                   help="default: the task the checkpoint was trained for")
+                   help="probability maps as 16-bit PNG / uint16 TIFF (default) or float32 TIFF")
+    p.add_argument("--tile-size", type=int, help="window side (default: the training --image-size, else 512)")
+    p.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction in [0, 1) (default 0.25)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per model call (default 4)")
+    p.add_argument("--precision", choices=PRECISIONS, help="default: bf16 on CUDA and on CPUs with native bf16 "
+                   "(AVX512-BF16 / AMX), else fp32; bf16/fp16 run channels_last")
+    p.add_argument("--level", type=int, help="pyramid level to read (0 = full resolution)")
+    p.add_argument("--mpp", type=float, help="read the pyramid level nearest this many micrometres per pixel")
+    p.add_argument("--tissue-only", action="store_true",
+                   help="skip windows without tissue (threshold on a low-resolution thumbnail)")
+    p.add_argument("--instances", action="store_true", help="also write NAME_labels.tif (uint32 nuclei labels)")
+    p.add_argument("--geojson", action="store_true", help="also write NAME.geojson (QuPath detections)")
+    p.add_argument("--measurements", action="store_true", help="also write NAME_nuclei.csv")
+    p.add_argument("--min-area", type=int, default=0, help="drop nuclei smaller than this many pixels")
+    p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--task", choices=TASKS, help="default: the task the checkpoint was trained for")
     p.add_argument("--sr-scale", type=int, help="super-resolution factor (default: the training one)")
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"))
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA: replay a captured forward per window shape (less launch overhead); "
+                        "without CUDA: a message, then eager")
     return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Every numeric argument checked before any work: a ValueError naming the flag and the fix."""
+    checks = [("--tile-size", args.tile_size, lambda v: v is None or v >= 1, "a window side >= 1, e.g. 512"),
+              ("--overlap", args.overlap, lambda v: 0 <= v < 1, "a fraction in [0, 1), e.g. 0.25"),
+              ("--batch-size", args.batch_size, lambda v: v >= 1, "an integer >= 1"),
+              ("--min-area", args.min_area, lambda v: v >= 0, "a pixel count >= 0"),
+              ("--level", args.level, lambda v: v is None or v >= 0, "a pyramid level >= 0"),
+              ("--mpp", args.mpp, lambda v: v is None or v > 0, "micrometres per pixel > 0, e.g. 0.5"),
+              ("--sr-scale", args.sr_scale, lambda v: v is None or v >= 1, "an integer factor >= 1")]
+    for flag, value, ok, fix in checks:
+        if not ok(value):
+            raise ValueError(f"{flag} {value}: use {fix}")
+    if args.level is not None and args.mpp is not None:
+        raise ValueError("--level and --mpp both given: pick the level by one of them")
+
+
+def _shard(files: list[Path], names: list[str]) -> tuple[list[tuple[Path, str]], int, int]:
+    """This process' share of the images under torchrun (RANK / WORLD_SIZE): every WORLD_SIZE-th."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return [fn for i, fn in enumerate(zip(files, names)) if i % world == rank], rank, world
+
+
+def _device(name: str) -> str:
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and name == "auto" and torch.cuda.is_available():
+        return f"cuda:{int(local) % torch.cuda.device_count()}"
+    return name
+
+
+def _tiff_kind(path: Path) -> str:
+    """'slide' (one plane, or a pyramid / SVS / NDPI / OME: its first series), 'stack' (planes of
+    one size), or 'pages' (pages of different sizes: every page is predicted)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        if len(series.levels) > 1 or tif.is_svs or tif.is_ndpi or tif.is_ome:
+            return "slide"
+        if len({(p.imagelength, p.imagewidth) for p in tif.pages}) > 1:
+            return "pages"
+        planes = int(np.prod([n for n, a in zip(series.shape, series.axes) if a not in "YXS"]))
+        return "stack" if planes > 1 else "slide"
+
+
+def _as_input(page: np.ndarray, in_channels: int, path: Path) -> torch.Tensor:
+    """(H, W, C) stored page -> float (1, in_channels, H, W)."""
+    x = match_channels(to_float(page.reshape(*page.shape[:2], -1)), in_channels, path)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+
+
+class _Job:
+    """What every image of a run shares: the model, its predictor, the options."""
+
+    def __init__(self, args, model, device, task, scale, tile):
+        self.args, self.model, self.device, self.task, self.scale, self.tile = args, model, device, task, scale, tile
+        precision = resolve_precision(args.precision, device)
+        self.autocast = autocast_context(precision, device)
+        self.channels_last = precision != "fp32"
+        prepare_model(model, self.channels_last)
+        self.forward = graphed_forward(model, device, args.cuda_graph)  # None: the plain model
+        self.predictor = window_predictor(model, task, self.autocast, self.channels_last, self.forward)
+        self.stream = StreamOptions(tile, args.overlap, args.batch_size, tissue_only=args.tissue_only,
+                                    progress=not args.no_progress)
+        self.outputs = OutputOptions(args.prob_format, args.instances, args.geojson, args.measurements, args.min_area)
+        self.precision = precision
+
+    def kind(self, path: Path) -> str:
+        if self.task == "super-resolution":
+            return "sr"
+        if path.suffix.lower() in TIFF_EXTS:
+            return _tiff_kind(path)
+        return "slide" if path.suffix.lower() in SLIDE_EXTS + (".btf",) else "image"
+
+    def expected(self, path: Path, name: str) -> list[str]:
+        kind = self.kind(path)
+        if kind in ("slide", "image"):
+            return expected_outputs(name, kind == "slide", self.outputs, self.model.config.classes)
+        if kind == "sr":
+            return [f"{name}_sr.png"]
+        return [f"{name}_mask.tif", f"{name}_prob.tif"]
+
+    def run(self, path: Path, name: str, out: Path) -> list[Path]:
+        kind = self.kind(path)
+        cfg = self.model.config
+        if kind in ("slide", "image"):
+            reader = open_slide(path, level=self.args.level, mpp=self.args.mpp)
+            try:
+                return predict_image(reader, self.predictor, cfg.in_channels, cfg.classes, self.model.size_multiple,
+                                     self.stream, self.outputs, out, name, self.device)
+            finally:
+                reader.close()
+        if kind == "pages":
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                outs = [self._infer(_as_input(p.asarray(), cfg.in_channels, path))[0].numpy() for p in tif.pages]
+            print(f"note: {path} has {len(outs)} pages of different sizes; each is predicted", file=sys.stderr)
+            return write_pages(out, name, outs, file_mpp(path))
+        pages = read_stack(path) if path.suffix.lower() in TIFF_EXTS else read_image(path)[None]
+        results = []
+        for page in pages:
+            x = _as_input(page, cfg.in_channels, path)
+            if kind == "sr":
+                x = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
+            results.append(self._infer(x)[0])
+        if kind == "sr" and len(results) == 1:
+            return write_outputs(out, name, results[0], self.task)
+        return write_stack(out, name, torch.stack(results), self.task, file_mpp(path))
+
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        return infer(self.model, x.to(self.device), self.task, self.tile, self.args.overlap,
+                     sw_batch_size=self.args.batch_size, autocast=self.autocast,
+                     channels_last=self.channels_last, out_device="cpu", forward=self.forward)
+
+
+def _clean_stale(out: Path, name: str) -> None:
+    """Remove temporary files a killed run left for this image (only this process handles it)."""
+    if out.is_dir():
+        for tmp in out.glob(f".{name}_*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for tmp in out.glob(f".{name}.geojson.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model, device, task, scale, tile = load_for_inference(inference_options(args))
+        validate(args)
         files = collect_images(args.images)
+        names = output_names(files)
+        args.device = _device(args.device)
+        model, device, task, scale, tile = load_for_inference(inference_options(args))
+        if tile < model.size_multiple:
+            raise ValueError(f"--tile-size {tile}: the model needs windows of at least {model.size_multiple} "
+                             f"pixels (a multiple of 2**(depth+1)); use e.g. --tile-size {4 * model.size_multiple}")
+        job = _Job(args, model, device, task, scale, tile)
+        mine, rank, world = _shard(files, names)
         out = Path(args.out)
-        written = 0
-        for path in files:
-            pages = _read_pages(path, model.config.in_channels)
-            results = []
-            for x in pages:
-                x = x[None].to(device)
-                if task == "super-resolution":
-                    x = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
-                results.append(infer(model, x, task, tile, args.overlap)[0])
-            if len(results) == 1:
-                write_outputs(out, path.stem, results[0], task, args.prob_format)
-            else:
-                write_stack(out, path.stem, torch.stack(results), task)
+        written = skipped = 0
+        for path, name in mine:
+            try:
+                if not args.overwrite and all((out / f).is_file() for f in job.expected(path, name)):
+                    skipped += 1
+                    print(f"{path}: outputs complete, skipped (--overwrite to redo)")
+                    continue
+                _clean_stale(out, name)
+                job.run(path, name, out)
+            except ValueError as err:  # name the file (tifffile's own errors do not)
+                raise ValueError(str(err) if str(path) in str(err) else f"{path}: {err}") from err
             written += 1
-            print(f"{path} -> {out / path.stem}_*")
+            print(f"{path} -> {out / name}_*")
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote predictions of {written} image(s) to {out}")
+    share = f" (process {rank} of {world}: {len(mine)} of {len(files)} images)" if world > 1 else ""
+    print(f"wrote predictions of {written} image(s) to {out}" + (f", skipped {skipped} complete" if skipped else "")
+          + share + f"; precision {job.precision}")
     return 0
 
 

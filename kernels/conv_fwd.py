@@ -186,18 +186,21 @@ def _conv3x3_fwd_jit(
     cin = C1 + C2
 
     # K loop bounds per half: all of it, or (SPLIT_K > 1) this program's slice of the flat loop
-    # over x1's then x2's (tap, channel block) iterations.
+    # over x1's then x2's (tap, channel block) iterations. x2's bounds are computed after x1's loop
+    # (fewer live registers in it).
     t1 = 9 * tl.cdiv(C1, BLOCK_K)
-    lo1, hi1, lo2, hi2 = 0, t1, 0, 9 * tl.cdiv(C2, BLOCK_K)
+    lo1, hi1 = 0, t1
     if SPLIT_K > 1:
-        per = tl.cdiv(t1 + hi2, SPLIT_K)
+        per = tl.cdiv(t1 + (9 * tl.cdiv(C2, BLOCK_K) if HAS_X2 else 0), SPLIT_K)
         lo = tl.program_id(1) * per
         lo1, hi1 = tl.minimum(lo, t1), tl.minimum(lo + per, t1)
-        lo2, hi2 = tl.maximum(lo - t1, 0), tl.minimum(tl.maximum(lo + per - t1, 0), hi2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc = _accumulate(acc, x1_ptr, w_ptr, 0, C1, cin, COUT, b, oh, ow, m_mask, offs_n, n_mask,
                       H, W, sx1_b, sx1_c, sx1_h, sx1_w, lo1, hi1, PRECISION, UPCAST, BLOCK_K)
     if HAS_X2:
+        lo2, hi2 = 0, 9 * tl.cdiv(C2, BLOCK_K)
+        if SPLIT_K > 1:
+            lo2, hi2 = tl.maximum(lo - t1, 0), tl.minimum(tl.maximum(lo + per - t1, 0), hi2)
         acc = _accumulate(acc, x2_ptr, w_ptr, C1, C2, cin, COUT, b, oh, ow, m_mask, offs_n, n_mask,
                           H, W, sx2_b, sx2_c, sx2_h, sx2_w, lo2, hi2, PRECISION, UPCAST, BLOCK_K)
     if TAP_BIAS:

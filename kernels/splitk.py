@@ -34,7 +34,7 @@ SPLITS = (2, 4)
 #: Fewest K-loop iterations a slice may keep: shorter slices cannot fill the software pipeline.
 MIN_SLICE_ITERS = 8
 #: Largest workspace (bytes) the automatic plan allocates: S * M * N fp32 partials.
-WORKSPACE_CAP = 64 << 20
+WORKSPACE_CAP = 32 << 20
 #: SMs of an H100 SXM / H200: the prune's assumption when the tensors are not on a GPU (bench/aot).
 DEFAULT_SMS = 132
 #: Rows per program of the reductions = rows per statistics / ds-db partial tile. Never below the

@@ -4,7 +4,8 @@ The CPU suite runs the kernels in Triton's interpreter, which never lowers them;
 them ahead of time (bench/aot.py: worker processes without TRITON_INTERPRET) in the GPU
 configuration of a real launch: GPU constexprs (TF32 dots for fp32, no interpreter upcast), the
 autotune config that BIONET_FAST_AUTOTUNE=0 pins, BiO-Net x1.0 decoder channels (64 + 64 -> 64), channels_last strides.
-`python -m bench.compile_report` compiles every autotune config at every layer of the model.
+`python -m bench.compile_report` compiles every autotune config at every layer of the model; the
+split-K configs (kernels/splitk.py) are checked here in bf16 at the layers where the prune keeps them.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def _estimate(r: dict) -> int:
     from bionet_fast.kernels._bwd_utils import dgrad_shared_bytes, wgrad_shared_bytes
     from bionet_fast.kernels.conv_fwd import shared_bytes
 
-    m, n, k, w, s = r["config"]
+    m, n, k, w, s = r["config"][:5]  # (..., SPLIT_K): split-K leaves the main loop's buffers alone
     cfg = triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
     elem = {"bf16": 2, "fp16": 2, "fp32": 4}[r["dtype"]]
     inputs = 2 if r["channels"][1] else 1
@@ -116,3 +117,19 @@ def test_every_config_the_autotuner_may_pick_fits_in_shared_memory():
         assert not r["error"], f"{where}: {r['error']}"
         assert r["shared"] <= SHARED_LIMIT, f"{where} needs {r['shared']} B of shared memory"
         assert _estimate(r) >= r["shared"], f"{where}: estimate {_estimate(r)} B < ptxas' {r['shared']} B"
+
+
+def test_split_k_configs_compile_without_spills_bf16():
+    """Every split-K config (SPLIT_K > 1) the bf16 autotuner may try at a layer of BiO-Net x1.0 (at
+    the layer's smallest level, bench/aot_kernels.split_pixels): compiles for sm_90, fits in shared
+    memory as the prune estimates, and does not spill."""
+    from bench.aot import plan
+    from bench.compile_report import bionet_layers
+
+    jobs = [j for j in plan(GEMMS, "bf16", bionet_layers(), all_configs=True) if j.config[5] > 1]
+    assert {j.kernel for j in jobs} == {"conv_fwd", "dgrad"}, "no split-K config left after the prune"
+    for r in run_jobs(jobs, workers=2, timeout=600):
+        where = f"{r['kernel']} bf16 config {r['config']} at {r['channels']}"
+        assert not r["error"], f"{where}: {r['error']}"
+        assert _estimate(r) >= r["shared"] and r["shared"] <= SHARED_LIMIT, f"{where}: {r['shared']} B"
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{where}: {r['registers']} registers spill"

@@ -34,7 +34,7 @@ def test_identity_predictor_returns_input(h, w, roi, overlap, mode, multiple, sw
         seen.append(tuple(t.shape))
         return t
 
-    out = sliding_window_inference(x, roi, predictor, overlap, mode, sw_batch_size=sw, size_multiple=multiple)
+    out = sliding_window_inference(x, roi, sw, predictor, overlap, mode, size_multiple=multiple)
     assert out.shape == x.shape
     torch.testing.assert_close(out, x, rtol=1e-6, atol=1e-6)
     for shape in seen:  # every window is a valid model input
@@ -46,7 +46,7 @@ def test_pointwise_predictor_changes_channels_exactly():
     conv = torch.nn.Conv2d(3, 2, 1).double()
     with torch.no_grad():
         want = torch.sigmoid(conv(x))
-        out = sliding_window_inference(x, 32, lambda t: torch.sigmoid(conv(t)), 0.25, size_multiple=16)
+        out = sliding_window_inference(x, 32, 4, lambda t: torch.sigmoid(conv(t)), 0.25, size_multiple=16)
     torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
 
 
@@ -57,7 +57,7 @@ def test_conv_predictor_equals_full_image_away_from_window_borders():
     roi, overlap = 16, 0.5
     with torch.no_grad():
         full = conv(x)
-        out = sliding_window_inference(x, roi, conv, overlap, "gaussian", size_multiple=1).double()
+        out = sliding_window_inference(x, roi, 4, conv, overlap, "gaussian", size_multiple=1).double()
     # Pixels that are >= 2 pixels inside EVERY window covering them see the same neighbourhood.
     ys, xs = window_starts(45, roi, overlap), window_starts(61, roi, overlap)
     good = torch.ones(45, 61, dtype=torch.bool)
@@ -87,7 +87,7 @@ def test_conv_model_on_padded_small_image_matches_reflect_padded_full():
     x = torch.randn(2, 3, 13, 21)
     conv = torch.nn.Conv2d(3, 4, 3, padding=1)
     with torch.no_grad():
-        out = sliding_window_inference(x, 64, conv, size_multiple=8)  # one padded 16x24 window
+        out = sliding_window_inference(x, 64, 4, conv, size_multiple=8)  # one padded 16x24 window
         want = conv(pad_to(x, 16, 24))[..., :13, :21]
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
@@ -107,9 +107,9 @@ def test_batching_is_invisible_and_gaussian_weights():
     x = torch.rand(3, 1, 40, 40)
     conv = torch.nn.Conv2d(1, 1, 3, padding=1)
     with torch.no_grad():
-        a = sliding_window_inference(x, 16, conv, 0.25, sw_batch_size=1)
-        b = sliding_window_inference(x, 16, conv, 0.25, sw_batch_size=7)
-        c = torch.cat([sliding_window_inference(x[i:i + 1], 16, conv, 0.25) for i in range(3)])
+        a = sliding_window_inference(x, 16, 1, conv, 0.25)
+        b = sliding_window_inference(x, 16, 7, conv, 0.25)
+        c = torch.cat([sliding_window_inference(x[i:i + 1], 16, 4, conv, 0.25) for i in range(3)])
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, c)
     g = importance_map((16, 16))
@@ -120,10 +120,34 @@ def test_batching_is_invisible_and_gaussian_weights():
 def test_bad_arguments():
     x = torch.rand(1, 1, 8, 8)
     with pytest.raises(ValueError, match="overlap"):
-        sliding_window_inference(x, 8, lambda t: t, overlap=1.0)
+        sliding_window_inference(x, 8, 4, lambda t: t, overlap=1.0)
     with pytest.raises(ValueError, match="B, C, H, W"):
-        sliding_window_inference(x[0], 8, lambda t: t)
+        sliding_window_inference(x[0], 8, 4, lambda t: t)
     with pytest.raises(ValueError, match="size_multiple"):
-        sliding_window_inference(x, 8, lambda t: t, size_multiple=16)
+        sliding_window_inference(x, 8, 4, lambda t: t, size_multiple=16)
     with pytest.raises(ValueError, match="mode"):
-        sliding_window_inference(x, 8, lambda t: t, mode="median")
+        sliding_window_inference(x, 8, 4, lambda t: t, mode="median")
+    with pytest.raises(ValueError, match="MONAI's argument order"):
+        sliding_window_inference(x, 8, lambda t: t, 4)  # the old (inputs, roi, predictor, ...) order
+    with pytest.raises(ValueError, match="padding_mode"):
+        sliding_window_inference(x, 8, 4, lambda t: t, padding_mode="wrap")
+
+
+def test_monai_keywords_device_split_and_constant_padding():
+    torch.manual_seed(3)
+    x = torch.rand(1, 2, 13, 30)
+    seen = []
+
+    def predictor(t):
+        seen.append(t.device)
+        return t * 2
+
+    out = sliding_window_inference(inputs=x, roi_size=(16, 16), sw_batch_size=2, predictor=predictor, overlap=0.5,
+                                   mode="constant", sigma_scale=0.125, padding_mode="constant", cval=7.0,
+                                   sw_device="cpu", device="cpu")
+    torch.testing.assert_close(out, x * 2)
+    assert out.device.type == "cpu" and all(d.type == "cpu" for d in seen)
+    # constant padding reaches the predictor (a reflect pad would not contain 7s)
+    padded_seen = []
+    sliding_window_inference(x, 16, 4, lambda t: padded_seen.append(t.clone()) or t, padding_mode="constant", cval=7.0)
+    assert (padded_seen[0][..., 13:, :] == 7).all()

@@ -15,19 +15,23 @@ from . import stats_update_enabled
 
 
 def batch_norm(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """nn.BatchNorm2d's forward, except that running statistics are left alone while
-    `no_stats_update()` is active (train mode still normalises with batch statistics)."""
+    """nn.BatchNorm2d's forward on x (B, C, H, W), except that running statistics are left alone
+    while `no_stats_update()` is active (train mode still normalises with batch statistics).
+    `bn.momentum=None` is the cumulative moving average (factor 1/num_batches_tracked)."""
     if isinstance(bn, nn.SyncBatchNorm) and bn.training and stats_update_enabled():
         return bn(x)  # DDP --sync-bn: statistics reduced across processes by the module itself
     if bn.training:
+        momentum = 0.0 if bn.momentum is None else bn.momentum
         if stats_update_enabled():
             bn.num_batches_tracked.add_(1)
             mean, var = bn.running_mean, bn.running_var
+            if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+                momentum = 1.0 / float(bn.num_batches_tracked)
         else:
             # Scratch buffers rather than None: batch_norm saves its running-stat arguments, and the
             # recomputation must save exactly what the original forward saved.
             mean, var = torch.zeros_like(bn.running_mean), torch.ones_like(bn.running_var)
-        return F.batch_norm(x, mean, var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
+        return F.batch_norm(x, mean, var, bn.weight, bn.bias, True, momentum, bn.eps)
     return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 

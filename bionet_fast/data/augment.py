@@ -16,8 +16,9 @@ uses the same ranges through imgaug):
 
 Keras composes ``rotation @ shift @ shear @ zoom`` about the image centre and uses it to map
 each output pixel to the input point it samples; so does :func:`keras_matrices`. Images are
-resampled bilinearly, masks with nearest neighbour (they stay binary), both through
-``kornia.geometry.transform.warp_affine``. Outside the input, both repeat the image by
+resampled bilinearly, masks with nearest neighbour (they stay binary), both through torch's
+``affine_grid`` + ``grid_sample`` (what ``kornia.geometry.transform.warp_affine`` does inside, without
+the dependency). Outside the input, both repeat the image by
 reflection (``padding="reflection"``; Keras' own default is "nearest", i.e. ``"border"``; the
 official code used zeros, ``"zeros"``).
 
@@ -30,9 +31,9 @@ import math
 from typing import Optional
 
 import torch
-from kornia.geometry.transform import warp_affine
+import torch.nn.functional as F
 
-__all__ = ["Augment", "keras_matrices"]
+__all__ = ["Augment", "keras_matrices", "sampling_grid"]
 
 
 def keras_matrices(params: dict[str, torch.Tensor], height: int, width: int) -> torch.Tensor:
@@ -59,6 +60,20 @@ def keras_matrices(params: dict[str, torch.Tensor], height: int, width: int) -> 
     rc = centre @ rc @ uncentre
     swap = torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)
     return swap @ rc @ swap  # (x, y) = (col, row)
+
+
+def sampling_grid(to_input: torch.Tensor, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """The grid_sample grid (B, H, W, 2) of output-to-input pixel matrices (B, 3, 3) in (x, y).
+
+    grid_sample with align_corners=True maps -1 and 1 to the centres of the first and last pixels,
+    so pixel -> normalised is x_n = 2 x / (W - 1) - 1: the normalised matrix is N @ M @ N^-1,
+    computed in float64 and rounded once."""
+    norm = torch.eye(3, dtype=torch.float64)
+    norm[0, 0], norm[1, 1] = 2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)
+    norm[0, 2] = norm[1, 2] = -1.0
+    theta = norm @ to_input @ torch.linalg.inv(norm)
+    return F.affine_grid(theta[:, :2].to(device, torch.float32), [theta.shape[0], 1, height, width],
+                         align_corners=True)
 
 
 class Augment:
@@ -111,13 +126,11 @@ class Augment:
         """Apply given parameters (from :meth:`sample`) to images (B, C, H, W), masks (B, K, H, W)."""
         height, width = images.shape[-2:]
         if self.has_affine:
-            to_input = keras_matrices(params, height, width)
-            # warp_affine takes the input-to-output matrix and inverts it itself.
-            fwd = torch.linalg.inv(to_input)[:, :2].to(images.device, torch.float32)
-            images = warp_affine(images, fwd, (height, width), mode="bilinear",
-                                 padding_mode=self.padding, align_corners=True)
-            warped = warp_affine(masks.float(), fwd, (height, width), mode=self.mask_mode,
-                                 padding_mode=self.padding, align_corners=True)
+            grid = sampling_grid(keras_matrices(params, height, width), height, width, images.device)
+            images = F.grid_sample(images, grid.to(images.dtype), mode="bilinear",
+                                   padding_mode=self.padding, align_corners=True)
+            warped = F.grid_sample(masks.float(), grid, mode=self.mask_mode, padding_mode=self.padding,
+                                   align_corners=True)
             masks = warped.to(masks.dtype)
         images, masks = _flip(images, masks, params["hflip"], -1)
         return _flip(images, masks, params["vflip"], -2)

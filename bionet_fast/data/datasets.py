@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .readers import (IMAGE_EXTS, TIFF_EXTS, binarize, count_pages, match_channels, read_image, read_mask,
-                      read_stack, to_float)
+from .readers import (IMAGE_EXTS, TIFF_EXTS, binarize, count_pages, label_map, match_channels, read_image,
+                      read_mask, read_stack, to_float)
 
 __all__ = ["Sample", "discover", "detect_format", "degrade_bicubic", "SegmentationDataset", "FORMATS", "LAYOUTS"]
 
@@ -262,8 +262,9 @@ class SegmentationDataset(Dataset):
     """Images (and masks) of a dataset folder, validated eagerly and cached in memory.
 
     Item: ``(image, target)``, image float32 (C, H, W) in [0, 1]; segmentation: target float32
-    (1, H, W) in {0, 1}; super-resolution: image = :func:`degrade_bicubic` of the original, target =
-    the original (C, H, W). With ``image_size`` S, training items are random S x S crops
+    (1, H, W) in {0, 1}, or the class indices 0..classes-1 with ``classes`` > 1 (label-map masks);
+    super-resolution: image = :func:`degrade_bicubic` of the original, target = the original
+    (C, H, W). With ``image_size`` S, training items are random S x S crops
     (reflect-padded where smaller) drawn from a generator seeded by (seed, epoch, index), so
     runs are reproducible whatever the DataLoader workers; call :meth:`set_epoch` every epoch.
     Validation items (``train=False``) are the S x S tiles covering every image (the last tile
@@ -273,14 +274,14 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, root, fmt: str = "auto", *, in_channels: int = 3,
                  image_size: Optional[int] = None, task: str = "segmentation", sr_scale: int = 2,
-                 train: bool = True, cache: bool = True, seed: int = 0):
+                 train: bool = True, cache: bool = True, seed: int = 0, classes: int = 1):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         if image_size is not None and image_size < 1 or sr_scale < 1:
             raise ValueError(f"image_size and sr_scale must be >= 1, got {image_size}, {sr_scale}")
         self.root, self.task, self.train, self.cache = Path(root), task, train, cache
         self.in_channels, self.image_size, self.sr_scale = in_channels, image_size, sr_scale
-        self.seed, self.epoch = int(seed), 0
+        self.seed, self.epoch, self.classes = int(seed), 0, int(classes)
         seg = task == "segmentation"
         self.fmt = detect_format(self.root, seg) if fmt == "auto" and self.root.is_dir() else fmt
         self.samples = discover(self.root, self.fmt, require_masks=seg)
@@ -296,16 +297,20 @@ class SegmentationDataset(Dataset):
         """Raw arrays of one sample: image (H, W, C) as stored, mask uint8 (H, W) or None."""
         want_mask = s.mask is not None and self.task == "segmentation"
         if s.index is None:
-            return read_image(s.image), (read_mask(s.mask) if want_mask else None)
+            return read_image(s.image), (read_mask(s.mask, self.classes) if want_mask else None)
         if stacks is None:  # one page only (cache=False)
             img = read_stack(s.image, s.index)[0]
-            return img, (binarize(read_stack(s.mask, s.index)[0]) if want_mask else None)
+            return img, (self._labels(read_stack(s.mask, s.index)[0], s.mask) if want_mask else None)
         for p in (s.image, s.mask) if want_mask else (s.image,):
             if p not in stacks:
                 if len(stacks) > 1:  # keep at most one image and one label stack
                     stacks.clear()
-                stacks[p] = read_stack(p) if p == s.image else binarize(read_stack(p))
+                stacks[p] = read_stack(p) if p == s.image else self._labels(read_stack(p), p)
         return stacks[s.image][s.index], (stacks[s.mask][s.index] if want_mask else None)
+
+    def _labels(self, mask: np.ndarray, path: Path) -> np.ndarray:
+        """A mask array -> {0, 1} (one class) or the label map (classes > 1, values checked)."""
+        return label_map(mask, self.classes, path) if self.classes > 1 else binarize(mask)
 
     def _load_all(self) -> Optional[list[tuple[np.ndarray, Optional[np.ndarray]]]]:
         """Read and check every sample (sizes, channels), before any training; fills

@@ -6,7 +6,8 @@ returns (..., H, W, C) arrays in the dtype stored, and an unreadable file is a V
 
 Masks: foreground = value > 0 (0/255, 0/1 and label maps alike; for EM membrane stacks the
 foreground is whatever is non-zero), RGB masks: any colour channel > 0, alpha ignored; JPEG
-masks (lossy) are thresholded at half the range instead.
+masks (lossy) are thresholded at half the range instead. With K > 1 classes a mask is a label map
+(values 0..K-1 kept as they are; a larger value is an error naming the file).
 
 A leaf module: it imports nothing of bionet_fast.
 """
@@ -19,7 +20,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-__all__ = ["read_image", "read_mask", "read_stack", "count_pages", "binarize", "to_float", "match_channels",
+__all__ = ["read_image", "read_mask", "read_stack", "count_pages", "binarize", "label_map", "to_float",
+           "match_channels",
            "IMAGE_EXTS", "TIFF_EXTS"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -38,11 +40,34 @@ def read_stack(path, page: Optional[int] = None) -> np.ndarray:
     return _read(Path(path), keep_palette=True, page=page)
 
 
-def read_mask(path) -> np.ndarray:
-    """Read a mask as uint8 (H, W) in {0, 1}: foreground = label > 0 (see module docstring)."""
+def read_mask(path, classes: int = 1) -> np.ndarray:
+    """Read a mask as uint8 (H, W): classes 1: {0, 1}, foreground = label > 0 (see module docstring);
+    classes K > 1: the label map itself, values 0..K-1 (:func:`label_map`)."""
     path = Path(path)
     arr = _single_page(_read(path, keep_palette=True), path)
+    if classes > 1:
+        return label_map(arr, classes, path)
     return binarize(arr, lossy=path.suffix.lower() in (".jpg", ".jpeg"))
+
+
+def label_map(mask: np.ndarray, classes: int, path) -> np.ndarray:
+    """(..., H, W, C) label map -> uint8 (..., H, W) of class indices 0..classes-1 (alpha dropped;
+    a colour mask must be gray: all channels equal). A value >= classes is a ValueError naming
+    the file, the largest value and the fix (checked before any training)."""
+    if mask.shape[-1] in (2, 4):
+        mask = mask[..., :-1]
+    if mask.shape[-1] > 1 and not (mask == mask[..., :1]).all():
+        raise ValueError(f"{path}: a colour mask cannot be a label map for --classes {classes}; save the class "
+                         "indices (0..K-1) as a gray image")
+    labels = mask[..., 0]
+    if not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels, np.round(labels)):
+        raise ValueError(f"{path}: label map values must be whole class indices 0..{classes - 1}")
+    top = labels.max(initial=0)
+    if labels.min(initial=0) < 0 or top >= classes:
+        hint = ("a 0/255 binary mask: use --classes 1" if top == 255 and classes < 255 else
+                f"pass --classes {int(top) + 1} or fix the mask")
+        raise ValueError(f"{path}: mask value {top} is not a class index below --classes {classes} ({hint})")
+    return labels.astype(np.uint8 if classes <= 256 else np.int32)
 
 
 def _single_page(arr: np.ndarray, path) -> np.ndarray:

@@ -5,6 +5,8 @@ per-epoch sampler (seeded by seed and epoch, sharded over DDP ranks, resumable m
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -64,41 +66,87 @@ class SyntheticCrops(Dataset):
         return image, mask
 
 
-def build_data(args) -> tuple[Dataset, Dataset, str, str]:
+@dataclass(frozen=True)
+class DataConfig:
+    """What the training data builder needs (typed; the trainer's config makes one).
+    train_data None: the synthetic nuclei (n_train training and n_val held-out images)."""
+
+    train_data: Optional[str] = None
+    valid_data: Optional[str] = None
+    data_format: str = "auto"
+    image_size: Optional[int] = 64
+    in_channels: int = 3
+    task: str = "segmentation"
+    sr_scale: int = 2
+    size_multiple: int = 16
+    seed: int = 0
+    n_train: Optional[int] = 512
+    n_val: Optional[int] = 48
+    classes: int = 1  # > 1: masks are label maps of this many classes
+
+    @property
+    def synthetic(self) -> bool:
+        return self.train_data is None
+
+
+SYNTHETIC_HELDOUT_SEED = 2**31 - 1  # never a training seed of the synthetic runs
+
+
+def synthetic_heldout(n: int = 48, size: int = 128, channels: int = 3, sr_scale: Optional[int] = None
+                      ) -> tuple[Dataset, str]:
+    """The held-out synthetic images the synthetic runs validate on (whole `size` x `size`
+    images), and their description; `evaluate --data synthetic` scores the same ones."""
+    from .synthetic import SyntheticNucleiDataset
+
+    held = SyntheticNucleiDataset(n, size, seed=SYNTHETIC_HELDOUT_SEED, channels=channels)
+    return SyntheticCrops(held, None, 0, sr_scale), held.describe() + " (held out)"
+
+
+def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset, str, str]:
     """(train, validation, train description, validation description); raises ValueError /
     FileNotFoundError naming the file and the expected layout, before anything is trained."""
-    sr = args.sr_scale if args.task == "super-resolution" else None
-    if args.synthetic:
+    sr = cfg.sr_scale if cfg.task == "super-resolution" else None
+    if cfg.synthetic:
         from .synthetic import SyntheticNucleiDataset
 
-        size = max(128, args.image_size)
-        base = SyntheticNucleiDataset(args.n_train, size, seed=args.seed, channels=args.in_channels)
-        held = SyntheticNucleiDataset(args.n_val, size, seed=2**31 - 1, channels=args.in_channels)
-        return (SyntheticCrops(base, args.image_size, args.seed, sr), SyntheticCrops(held, None, 0, sr),
-                base.describe() + f", random {args.image_size}x{args.image_size} crops",
-                held.describe() + " (held out)")
+        size = max(128, cfg.image_size)
+        base = SyntheticNucleiDataset(cfg.n_train, size, seed=cfg.seed, channels=cfg.in_channels)
+        held, held_text = synthetic_heldout(cfg.n_val, size, cfg.in_channels, sr)
+        return (SyntheticCrops(base, cfg.image_size, cfg.seed, sr), held,
+                base.describe() + f", random {cfg.image_size}x{cfg.image_size} crops", held_text)
     from .datasets import SegmentationDataset
 
-    kw = dict(in_channels=args.in_channels, task=args.task, sr_scale=args.sr_scale)
-    train = SegmentationDataset(args.train_data, args.data_format, image_size=args.image_size, train=True,
-                                seed=args.seed, **kw)
-    if args.image_size is None:
-        m = 2 ** (args.depth + 1)
+    kw = dict(in_channels=cfg.in_channels, task=cfg.task, sr_scale=cfg.sr_scale, classes=cfg.classes)
+    train = SegmentationDataset(cfg.train_data, cfg.data_format, image_size=cfg.image_size, train=True,
+                                seed=cfg.seed, **kw)
+    if cfg.image_size is None:
+        m = cfg.size_multiple
         if len(set(train.shapes)) > 1 or train.shapes[0][0] % m or train.shapes[0][1] % m:
-            raise ValueError(f"{args.train_data}: images of sizes {sorted(set(train.shapes))[:4]} (H, W) cannot "
+            raise ValueError(f"{cfg.train_data}: images of sizes {sorted(set(train.shapes))[:4]} (H, W) cannot "
                              f"be batched whole; pass --image-size (a multiple of {m}, e.g. {4 * m}) to train "
                              "on random crops")
-    if args.valid_data:
-        val = SegmentationDataset(args.valid_data, args.data_format, train=False, **kw)
+    if cfg.valid_data:
+        val = SegmentationDataset(cfg.valid_data, cfg.data_format, train=False, **kw)
         return train, val, train.describe(), val.describe()
     if len(train.samples) < 2:
-        raise ValueError(f"{args.train_data} holds one image: pass --valid-data DIR for validation")
-    full = SegmentationDataset(args.train_data, args.data_format, train=False, **kw)
-    order = np.random.default_rng(args.seed).permutation(len(full))
+        raise ValueError(f"{cfg.train_data} holds one image: pass --valid-data DIR for validation")
+    full = SegmentationDataset(cfg.train_data, cfg.data_format, train=False, **kw)
+    order = np.random.default_rng(cfg.seed).permutation(len(full))
     n_val = max(1, len(full) // 10)
     return (Subset(train, order[n_val:].tolist()), Subset(full, order[:n_val].tolist()),
             f"{train.describe()}; {len(full) - n_val} of them for training",
             f"the other {n_val} (no --valid-data given)")
+
+
+def uniform_sizes(ds: Dataset) -> bool:
+    """Whether every item of `ds` has the same image shape (so it can be batched): from the
+    recorded sizes of a SegmentationDataset (or a Subset of one), else by reading every item."""
+    base, idx = (ds.dataset, list(ds.indices)) if isinstance(ds, Subset) else (ds, range(len(ds)))
+    if getattr(base, "image_size", None) is None and hasattr(base, "shapes") and hasattr(base, "items"):
+        return len({tuple(base.shapes[base.items[i][0]]) for i in idx}) <= 1
+    if getattr(base, "image_size", None) and hasattr(base, "items"):
+        return True  # tiles / crops of one size
+    return len({tuple(ds[i][0].shape) for i in range(len(ds))}) <= 1
 
 
 def set_dataset_epoch(ds: Dataset, epoch: int) -> None:

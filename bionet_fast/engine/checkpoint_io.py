@@ -45,6 +45,26 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: O
     return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
 
 
+def read_json(path: str | Path, what: str) -> dict:
+    """A JSON object from `path`; a truncated or corrupt file is a ValueError naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} ({what}) is corrupt or truncated ({err}); it cannot be read") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} ({what}) is not a JSON object")
+    return data
+
+
+def read_safetensors(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or corrupt file is a ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # SafetensorError, OSError: the message alone does not name the file
+        raise ValueError(f"{path} ({what}) is corrupt or truncated ({type(err).__name__}: {err}); "
+                         "it cannot be read") from None
+
+
 # --- metrics.jsonl --------------------------------------------------------------------------------
 def append_metrics(out: str | Path, record: dict) -> None:
     """Append one line to metrics.jsonl (rewritten atomically: a kill never leaves half a line)."""
@@ -150,6 +170,43 @@ def has_training_state(out: str | Path) -> bool:
     return (Path(out) / STATE_JSON).is_file()
 
 
+# Files that make a folder "hold a run or a model": writing into it needs --overwrite.
+RUN_FILES = (STATE_JSON, "model.safetensors", "config.json", LAST_WEIGHTS, METRICS_JSONL, ARGS_JSON)
+
+
+def run_files(out: str | Path) -> list[str]:
+    """The names of the run / model files in `out` (training state, weights, config, logs)."""
+    out = Path(out)
+    found = [n for n in RUN_FILES if (out / n).is_file()]
+    return found + sorted(p.name for p in out.glob("training_state.*.safetensors")) if out.is_dir() else []
+
+
+def check_out_folder(out: str | Path, resume: bool, overwrite: bool) -> None:
+    """ValueError unless `out` may be written: --resume needs a resumable state there; a new run
+    needs an empty folder (of run files) or --overwrite. Nothing is written."""
+    out = Path(out)
+    found = run_files(out)
+    if resume and not has_training_state(out):
+        held = ", ".join(found) if found else "no run files"
+        raise ValueError(f"--resume {out}: there is no resumable state in it ({STATE_JSON} is missing; the folder "
+                         f"holds {held}); the run stopped before its first save. Start it again with "
+                         f"--out {out} --overwrite")
+    if resume or overwrite or not found:
+        return
+    if has_training_state(out):
+        raise ValueError(f"{out} already holds a run; pass --resume {out} to continue it, --overwrite "
+                         "to replace it, or another --out")
+    raise ValueError(f"{out} already holds a model or a run's files ({', '.join(found)}); pass --overwrite to "
+                     "replace them, or another --out")
+
+
+def clear_run(out: str | Path) -> None:
+    """--overwrite: delete the earlier run's files, so none of them is mistaken for the new run's."""
+    out = Path(out)
+    for name in run_files(out) + ["curves.png", "samples.png"]:
+        (out / name).unlink(missing_ok=True)
+
+
 def load_training_state(out: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler, scaler, restore_rng: bool = True) -> dict:
     """Restore everything `save_training_state` wrote; returns the progress dict."""
@@ -158,11 +215,11 @@ def load_training_state(out: str | Path, model: torch.nn.Module, optimizer: torc
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --resume needs the --out folder of an earlier "
                                 "run of python -m bionet_fast.train (it holds training_state.json)")
-    meta = json.loads(path.read_text())
-    tensor_path = out / meta["tensors"]
+    meta = read_json(path, "the training state")
+    tensor_path = out / str(meta.get("tensors"))
     if not tensor_path.is_file():
         raise FileNotFoundError(f"{tensor_path} (named by {path}) is missing; the run folder is incomplete")
-    tensors = load_file(str(tensor_path))
+    tensors = read_safetensors(tensor_path, "the training state's tensors")
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer.load_state_dict(_join_optimizer(tensors, meta["optimizer"]))  # moves to the params' device
     scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})

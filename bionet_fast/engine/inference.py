@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..metrics import PSNRMeter, RandMeter, SegmentationMeter
 from ..models import from_pretrained, load_official
+from ..models.pretrained import looks_like_repo_id
 from .tiling import sliding_window_inference
 
 TASKS = ("segmentation", "super-resolution")
@@ -28,24 +29,29 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def load_checkpoint(path: str | Path, device: torch.device, backend: str = "auto") -> tuple[torch.nn.Module, dict]:
     """A run folder of the trainer (config.json + model.safetensors, the best model), any folder
-    written by BiONet.save_pretrained, or an official port checkpoint (.pt). Returns the model in
-    eval mode on `device` and the run's training options (train_args.json; {} when absent)."""
-    path = Path(path)
+    written by save_pretrained, a Hugging Face Hub repo id ("org/name"), or an official port
+    checkpoint (.pt). Returns the model in eval mode on `device` and the run's training options
+    (train_args.json; {} when absent)."""
+    text, path = str(path), Path(path)
     if path.is_file() and path.suffix in (".pt", ".pth"):
         model, args = load_official(path, backend=backend), {}
-    elif path.is_dir():
-        model = from_pretrained(path, backend=backend)
+    elif path.is_dir() or looks_like_repo_id(text):
+        model = from_pretrained(text, backend=backend)
         args_file = path / "train_args.json"
-        args = json.loads(args_file.read_text()) if args_file.is_file() else {}
+        try:
+            args = json.loads(args_file.read_text()) if args_file.is_file() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{args_file} is corrupt or truncated ({err}); it cannot be read") from None
     else:
         raise FileNotFoundError(f"checkpoint {path} not found: pass the --out folder of a training run "
-                                "(it holds config.json and model.safetensors) or an official .pt file")
+                                "(it holds config.json and model.safetensors), a Hub repo id (org/name) "
+                                "or an official .pt file")
     return model.to(device).eval(), args
 
 
 @dataclass
 class InferenceOptions:
-    """What `evaluate` and `predict` need to load a model; None = the training run's choice."""
+    """What `evaluate` and `predict` need to load a model; None = the checkpoint's own choice."""
 
     checkpoint: str | Path
     device: str = "auto"
@@ -57,13 +63,19 @@ class InferenceOptions:
 
 def load_for_inference(opts: InferenceOptions) -> tuple[torch.nn.Module, torch.device, str, int, int]:
     """The model of `opts.checkpoint` on `opts.device`, with task, sr_scale and tile_size defaulting
-    to the training run's: (model, device, task, sr_scale, tile_size). The default tile is the
-    training crop size (the BatchNorm statistics were estimated at it), else 512."""
+    to the checkpoint's: (model, device, task, sr_scale, tile_size). Each comes from the options,
+    else config.json's "inference" block (`model.inference_info`), else train_args.json (run folders
+    older than the block), else the defaults (segmentation, x2, tile 512). The default tile is the
+    training crop size: the BatchNorm statistics were estimated at it."""
     device = pick_device(opts.device)
     model, train_args = load_checkpoint(opts.checkpoint, device, opts.backend)
-    task = opts.task or train_args.get("task", "segmentation")
-    scale = opts.sr_scale or train_args.get("sr_scale", 2)
-    tile = opts.tile_size or train_args.get("image_size") or 512
+    info = getattr(model, "inference_info", None)
+    saved = info.to_dict() if info is not None else {
+        "task": train_args.get("task"), "sr_scale": train_args.get("sr_scale"),
+        "tile_size": train_args.get("tile_size") or train_args.get("image_size")}
+    task = opts.task or saved["task"] or "segmentation"
+    scale = opts.sr_scale or saved["sr_scale"] or 2
+    tile = opts.tile_size or saved["tile_size"] or 512
     return model, device, task, scale, tile
 
 
@@ -74,24 +86,38 @@ def activation(task: str, classes: int) -> Callable[[torch.Tensor], torch.Tensor
     return torch.sigmoid if classes == 1 else (lambda x: torch.softmax(x, dim=1))
 
 
+def window_predictor(model: torch.nn.Module, task: str, autocast: Optional[Callable] = None,
+                     channels_last: bool = False, forward: Optional[Callable] = None
+                     ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """windows (N, C, h, w) -> the model's activated float32 output (N, K, h, w), under `autocast`
+    (a context manager; None = fp32), in channels_last layout when asked. `forward` replaces
+    model(windows) (a cuda_graph.GraphedForward for --cuda-graph)."""
+    act = activation(task, model.config.classes)
+    net = forward or model
+
+    def run(windows: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            windows = windows.contiguous(memory_format=torch.channels_last)
+        with autocast or torch.autocast(windows.device.type, enabled=False):
+            return act(net(windows).float()).contiguous()
+
+    return run
+
+
 @torch.no_grad()
 def infer(model: torch.nn.Module, images: torch.Tensor, task: str = "segmentation", tile_size: int = 512,
           overlap: float = 0.25, mode: str = "gaussian", sw_batch_size: int = 4,
-          autocast: Optional[Callable] = None) -> torch.Tensor:
+          autocast: Optional[Callable] = None, channels_last: bool = False, out_device=None,
+          forward: Optional[Callable] = None) -> torch.Tensor:
     """images (B, C, H, W), any H, W -> probabilities (B, classes, H, W), or the super-resolved
-    image (B, C, H, W) clamped to [0, 1]. Runs in eval mode; the model's own mode is restored."""
+    image (B, C, H, W) clamped to [0, 1], on `out_device` (default: the images' device; windows
+    always run on the images' device). Runs in eval mode; the model's own mode is restored."""
     was_training = model.training
     model.eval()
-    act = activation(task, model.config.classes)
-    ctx = autocast or torch.autocast(images.device.type, enabled=False)
-
-    def run(windows: torch.Tensor) -> torch.Tensor:
-        with ctx:
-            return act(model(windows).float())
-
+    run = window_predictor(model, task, autocast, channels_last, forward)
     try:
-        out = sliding_window_inference(images, tile_size, run, overlap=overlap, mode=mode,
-                                       sw_batch_size=sw_batch_size, size_multiple=model.size_multiple)
+        out = sliding_window_inference(images, tile_size, sw_batch_size, run, overlap=overlap, mode=mode,
+                                       size_multiple=model.size_multiple, device=out_device)
     finally:
         model.train(was_training)
     return out.clamp_(0, 1) if task == "super-resolution" else out
@@ -116,7 +142,8 @@ def val_loss(out: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor
 @torch.no_grad()
 def evaluate_loader(model: torch.nn.Module, loader, task: str, device: torch.device, tile_size: int,
                     overlap: float = 0.25, rand: bool = False, keep: int = 0,
-                    autocast: Optional[Callable] = None, on_batch: Optional[Callable] = None):
+                    autocast: Optional[Callable] = None, on_batch: Optional[Callable] = None,
+                    forward: Optional[Callable] = None, channels_last: bool = False):
     """Run the model over a loader of (image, target) batches. Returns (meters, loss_sum, n_images,
     kept) where meters = [main meter] (+ a SegmentationMeter beside a RandMeter) and kept holds
     the first `keep` (image, target, output) triples on the CPU for plots."""
@@ -126,7 +153,8 @@ def evaluate_loader(model: torch.nn.Module, loader, task: str, device: torch.dev
     loss_sum, n, kept = 0.0, 0, []
     for images, targets in loader:
         images, targets = images.to(device), targets.to(device)
-        out = infer(model, images, task, tile_size, overlap, autocast=autocast)
+        out = infer(model, images, task, tile_size, overlap, autocast=autocast, forward=forward,
+                    channels_last=channels_last)
         for meter in meters:
             if task == "super-resolution":
                 meter.update(out, targets, baseline=images)

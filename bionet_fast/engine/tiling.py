@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["sliding_window_inference", "window_starts", "importance_map", "pad_to", "pad_to_multiple"]
+__all__ = ["sliding_window_inference", "window_starts", "window_grid", "importance_map", "pad_to", "pad_to_multiple"]
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -73,48 +73,71 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
     return pad_to(x, math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple), (h, w)
 
 
-@torch.no_grad()
-def sliding_window_inference(image: torch.Tensor, roi_size: int | Sequence[int], predictor: Predictor,
-                             overlap: float = 0.25, mode: str = "gaussian", sw_batch_size: int = 4,
-                             size_multiple: int = 1, sigma_scale: float = 0.125) -> torch.Tensor:
-    """Run `predictor` over overlapping windows of `image` and blend the results.
-
-    image: (B, C, H, W), any H and W. roi_size: window side(s); rounded down to a multiple of
-    `size_multiple` (the model's 2**(depth+1)); a window larger than the (padded) image shrinks to
-    it. predictor: (N, C, h, w) -> (N, K, h, w), called with up to `sw_batch_size` windows at once.
-    overlap: fraction of a window shared with its neighbour, in [0, 1). mode: "gaussian" weighs
-    window centres more than window borders (fewer seams); "constant" averages plainly.
-    Returns (B, K, H, W) in float32 on image's device.
-    """
-    if image.dim() != 4:
-        raise ValueError(f"sliding_window_inference expects (B, C, H, W); got shape {tuple(image.shape)}")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap={overlap}; use a fraction in [0, 1), e.g. 0.25")
-    if sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size={sw_batch_size}; use an integer >= 1")
+def window_grid(h: int, w: int, roi_size: int | Sequence[int], size_multiple: int = 1) -> tuple[int, int, tuple[int, int]]:
+    """The padded image size and the window of `sliding_window_inference` for an (h, w) image:
+    (padded_h, padded_w, (roi_h, roi_w)). The window is rounded down to a multiple of
+    `size_multiple`; a side shorter than it is padded up to a multiple of `size_multiple` and the
+    window shrinks to it (longer sides need no padding: the windows are valid model inputs)."""
     roi = (roi_size, roi_size) if isinstance(roi_size, int) else tuple(roi_size)
     roi = tuple((r // size_multiple) * size_multiple for r in roi)
     if min(roi) < 1:
         raise ValueError(f"roi_size={roi_size} is smaller than size_multiple={size_multiple}; "
                          f"use a window of at least {size_multiple} pixels")
-    # A side shorter than the window is padded to a multiple of size_multiple and the window
-    # shrinks to it; longer sides need no padding (the windows themselves are valid sizes).
-    h, w = image.shape[-2:]
     up = lambda side, r: side if side >= r else math.ceil(side / size_multiple) * size_multiple  # noqa: E731
-    padded = pad_to(image, up(h, roi[0]), up(w, roi[1]))
-    roi = (min(roi[0], padded.shape[-2]), min(roi[1], padded.shape[-1]))
-    weight = importance_map(roi, mode, sigma_scale, device=image.device)
-    boxes = [(y, x) for y in window_starts(padded.shape[-2], roi[0], overlap)
-             for x in window_starts(padded.shape[-1], roi[1], overlap)]
+    ph, pw = up(h, roi[0]), up(w, roi[1])
+    return ph, pw, (min(roi[0], ph), min(roi[1], pw))
+
+
+def _check(inputs: torch.Tensor, overlap: float, sw_batch_size: int, predictor) -> None:
+    if inputs.dim() != 4:
+        raise ValueError(f"sliding_window_inference expects (B, C, H, W); got shape {tuple(inputs.shape)}")
+    if not callable(predictor):
+        raise ValueError(f"predictor={predictor!r} is not callable; MONAI's argument order is "
+                         "(inputs, roi_size, sw_batch_size, predictor, overlap, mode, ...)")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap={overlap}; use a fraction in [0, 1), e.g. 0.25")
+    if sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size={sw_batch_size}; use an integer >= 1")
+
+
+@torch.no_grad()
+def sliding_window_inference(inputs: torch.Tensor, roi_size: int | Sequence[int], sw_batch_size: int,
+                             predictor: Predictor, overlap: float = 0.25, mode: str = "gaussian",
+                             sigma_scale: float = 0.125, padding_mode: str = "reflect", cval: float = 0.0,
+                             sw_device=None, device=None, size_multiple: int = 1) -> torch.Tensor:
+    """Run `predictor` over overlapping windows of `inputs` and blend the results.
+
+    MONAI's argument order and device split, so `monai.inferers.sliding_window_inference` users can
+    swap it in. inputs: (B, C, H, W), any H and W. roi_size: window side(s); rounded down to a
+    multiple of `size_multiple` (the model's 2**(depth+1)); a window larger than the (padded) image
+    shrinks to it. sw_batch_size: windows per predictor call. predictor: (N, C, h, w) -> (N, K, h, w).
+    overlap: fraction of a window shared with its neighbour, in [0, 1). mode: "gaussian" weighs
+    window centres more than window borders (fewer seams); "constant" averages plainly.
+    padding_mode: "reflect" (default) or "constant" (with `cval`) for sides shorter than the window.
+    sw_device: where the windows run (default: inputs' device); device: where the blended output is
+    accumulated (default: inputs' device), e.g. windows on the GPU and a large output on the host.
+    Returns (B, K, H, W) float32 on `device`.
+    """
+    _check(inputs, overlap, sw_batch_size, predictor)
+    if padding_mode not in ("reflect", "constant"):
+        raise ValueError(f"padding_mode={padding_mode!r}; use 'reflect' or 'constant'")
+    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+    device = torch.device(device) if device is not None else inputs.device
+    h, w = inputs.shape[-2:]
+    ph, pw, roi = window_grid(h, w, roi_size, size_multiple)
+    padded = (pad_to(inputs, ph, pw) if padding_mode == "reflect"
+              else F.pad(inputs, (0, pw - w, 0, ph - h), value=cval))
+    weight = importance_map(roi, mode, sigma_scale, device=device)
+    boxes = [(y, x) for y in window_starts(ph, roi[0], overlap) for x in window_starts(pw, roi[1], overlap)]
     out = norm = None
     for b in range(padded.shape[0]):
         for i in range(0, len(boxes), sw_batch_size):
             chunk = boxes[i:i + sw_batch_size]
             windows = torch.stack([padded[b, :, y:y + roi[0], x:x + roi[1]] for y, x in chunk])
-            pred = predictor(windows).float().to(image.device)
+            pred = predictor(windows.to(sw_device)).float().to(device)
             if out is None:
-                out = torch.zeros(padded.shape[0], pred.shape[1], *padded.shape[-2:], device=image.device)
-                norm = torch.zeros(1, 1, *padded.shape[-2:], device=image.device)
+                out = torch.zeros(padded.shape[0], pred.shape[1], ph, pw, device=device)
+                norm = torch.zeros(1, 1, ph, pw, device=device)
             for (y, x), p in zip(chunk, pred):
                 out[b, :, y:y + roi[0], x:x + roi[1]] += p * weight
                 if b == 0:

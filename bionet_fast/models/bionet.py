@@ -19,6 +19,7 @@ from torch import nn
 
 from ..blocks.inference_cache import InferenceCache
 from ..blocks.reference import RefOps
+from .backend_choice import choose_backend, forced_backend
 from .config import BiONetConfig
 from .recurrence import RecurrentModel, ckpt as _ckpt
 
@@ -113,18 +114,24 @@ class BiONet(RecurrentModel):
         return self.config.size_multiple
 
     # --- backend ----------------------------------------------------------------------------
-    def resolved_backend(self, device: torch.device) -> str:
+    def resolved_backend(self, device: torch.device, x: Optional[torch.Tensor] = None) -> str:
         """The backend a forward on `device` runs: env BIONET_FAST_BACKEND, else the config;
-        "auto" means triton on CUDA (when triton imports) and the reference elsewhere."""
+        "auto" means the reference off CUDA and on CUDA (when triton imports) the faster of the two,
+        measured once per setting for input x (models/backend_choice.py; triton without x)."""
+        forced = forced_backend()  # a running measurement of backend_choice
+        if forced is not None:
+            return forced
         choice = os.environ.get("BIONET_FAST_BACKEND", "").strip().lower() or self.config.backend
         if choice not in ("auto", "reference", "triton"):
             raise ValueError(f"BIONET_FAST_BACKEND={choice!r}; use auto, reference or triton")
         if choice == "auto":
-            choice = "triton" if device.type == "cuda" and _triton_available() else "reference"
+            if device.type != "cuda" or not _triton_available():
+                return "reference"
+            choice = "triton" if x is None else choose_backend(self, x)
         return choice
 
-    def _ops(self, device: torch.device):
-        if self.resolved_backend(device) == "triton":
+    def _ops(self, device: torch.device, x: Optional[torch.Tensor] = None):
+        if self.resolved_backend(device, x) == "triton":
             from ..blocks.fused import FusedOps  # imported lazily: it needs triton
 
             inference = not self.training and not torch.is_grad_enabled()
@@ -165,7 +172,7 @@ class BiONet(RecurrentModel):
         self.check_input(x)
         if self.training:  # the kernels update running statistics without bumping _version
             self.inference_cache.clear()
-        ops = self._ops(x.device)
+        ops = self._ops(x.device, x)
         stages = self._checkpointing() and self.config.checkpoint_stages
         x0 = _ckpt(ops, self._stem, ops, x) if stages else self._stem(ops, x)
         outs = self._recurrence(ops, x0)

@@ -30,7 +30,7 @@ class BiONetConfig:
     depth: int = 4
     backward_skips: Optional[int] = None
     integrate: bool = False
-    bn_momentum: float = 0.01
+    bn_momentum: Optional[float] = 0.01
     bn_eps: float = 1e-5
     checkpoint_iters: bool = False
     checkpoint_segments: Optional[int] = None
@@ -76,8 +76,10 @@ class BiONetConfig:
         if self.backward_skips is not None and not 0 <= self.backward_skips <= self.depth:
             bad(f"backward_skips={self.backward_skips} with depth={self.depth}; use 0..{self.depth} "
                 "or None for a backward skip at every level")
-        if not 0.0 <= self.bn_momentum <= 1.0:
-            bad(f"bn_momentum={self.bn_momentum}; it must lie in [0, 1] (PyTorch convention)")
+        if self.bn_momentum is not None and not (
+                isinstance(self.bn_momentum, (int, float)) and 0.0 <= self.bn_momentum <= 1.0):
+            bad(f"bn_momentum={self.bn_momentum!r}; it must lie in [0, 1] (PyTorch convention), or be "
+                "None for a cumulative moving average")
         if self.checkpoint_segments is not None and not (
                 isinstance(self.checkpoint_segments, int) and self.checkpoint_segments >= 1):
             bad(f"checkpoint_segments={self.checkpoint_segments!r}; use an integer >= 1 or None (automatic)")
@@ -109,3 +111,54 @@ class BiONetConfig:
         if not text.lstrip().startswith("{"):
             text = Path(source).read_text()
         return cls.from_dict(json.loads(text))
+
+
+TASKS = ("segmentation", "super-resolution")
+# Execution choices: how a forward runs, not what the weights compute. save_pretrained leaves them
+# out of config.json, so a folder saved on one machine runs on any other.
+EXECUTION_FIELDS = ("backend", "checkpoint_iters", "checkpoint_segments", "checkpoint_stages")
+
+
+@dataclass
+class InferenceInfo:
+    """What a consumer of saved weights needs besides the architecture: the "inference" block of
+    config.json (timm calls it pretrained_cfg).
+
+    ``task``: "segmentation" (outputs logits; sigmoid for one class, softmax for more, then
+    ``threshold``) or "super-resolution" (outputs the image; the input is first upsampled bicubically
+    ``sr_scale`` times). ``value_range``: the input range (images scaled to [0, 1]).
+    ``tile_size``: the training crop side (the BatchNorm statistics were estimated at it; None =
+    whole images). ``metrics``: a summary of the validation scores the trainer saw (may be empty).
+    ``training_data``: a description of the training images (for the model card).
+    """
+
+    task: str = "segmentation"
+    sr_scale: Optional[int] = None
+    threshold: float = 0.5
+    value_range: tuple = (0.0, 1.0)
+    tile_size: Optional[int] = None
+    metrics: dict = dataclasses.field(default_factory=dict)
+    training_data: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.value_range = tuple(float(v) for v in self.value_range)
+        if self.task not in TASKS:
+            raise ValueError(f"invalid inference info: task={self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.task == "super-resolution" and self.sr_scale is None:
+            self.sr_scale = 2
+        if self.sr_scale is not None and (not isinstance(self.sr_scale, int) or self.sr_scale < 1):
+            raise ValueError(f"invalid inference info: sr_scale={self.sr_scale!r}; use an integer >= 1")
+        if not 0.0 < float(self.threshold) < 1.0 or len(self.value_range) != 2:
+            raise ValueError(f"invalid inference info: threshold={self.threshold!r} must lie in (0, 1) and "
+                             f"value_range={self.value_range!r} must be [low, high]")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["value_range"] = list(self.value_range)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "InferenceInfo":
+        known = {f.name for f in dataclasses.fields(cls)}
+        # Unknown keys are kept out rather than refused: a newer writer may add fields.
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .pretrained import CONFIG_NAME
+from .pretrained import CONFIG_NAME, HUB_OPTIONS, WEIGHTS_NAME, resolve_folder
 
 _MODELS: dict[str, type] = {}
 
@@ -55,5 +55,8 @@ def architecture_of(directory: str | Path) -> str:
 
 
 def from_pretrained(directory: str | Path, **overrides: Any) -> nn.Module:
-    """Load any saved model folder as its own class (BiONet, BiOLinkNet, ...)."""
-    return model_class(architecture_of(directory)).from_pretrained(directory, **overrides)
+    """Load any saved model folder, or a Hugging Face Hub repo id ("org/name", with revision,
+    cache_dir, local_files_only, token), as its own class (BiONet, BiOLinkNet, ...)."""
+    hub = {k: overrides.pop(k) for k in HUB_OPTIONS if k in overrides}
+    folder = resolve_folder(directory, overrides.get("weights_name", WEIGHTS_NAME), **hub)
+    return model_class(architecture_of(folder)).from_pretrained(folder, **overrides)

@@ -1,11 +1,20 @@
-"""Saving and loading BiONet weights: `config.json` beside `model.safetensors`, written atomically.
+"""Saving and loading model weights: `config.json` beside `model.safetensors` (and a model card,
+README.md), written atomically.
+
+config.json = {"architecture": ..., <the model config's architecture fields>, "inference": {...}}:
+the "inference" block (`InferenceInfo`: task, sr_scale, threshold, value range, tile size, metrics)
+is what `evaluate`, `predict` and `export` read besides the architecture. Execution choices
+(backend, checkpointing) are not written: they do not bind the weights. Folders in the older format
+(no "inference" block, execution fields present) still load; a saved backend "triton" on a machine
+without CUDA runs the reference path, with one warning.
 
 Loading never unpickles code (safetensors). A checkpoint of another configuration is refused with
-the differences spelled out.
+the differences spelled out. `directory` may also be a Hugging Face Hub repo id (see `hub`).
 """
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,10 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..utils.files import atomic_write
-from .config import BiONetConfig
+from .config import EXECUTION_FIELDS, BiONetConfig, InferenceInfo
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+INFERENCE_KEY = "inference"
+HUB_OPTIONS = ("revision", "cache_dir", "local_files_only", "token", "force_download")
 
 
 def save_weights(state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:
@@ -25,47 +37,114 @@ def save_weights(state: Mapping[str, torch.Tensor], path: str | Path, metadata: 
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def save_pretrained(model, directory: str | Path, weights_name: str = WEIGHTS_NAME) -> Path:
-    """Write `directory/config.json` (the config plus its "architecture") and
-    `directory/<weights_name>`; returns the directory."""
+def inference_info(model) -> InferenceInfo:
+    """The model's InferenceInfo (`model.inference_info`), or the default (segmentation) one."""
+    info = getattr(model, "inference_info", None)
+    return info if isinstance(info, InferenceInfo) else InferenceInfo()
+
+
+def config_dict(model) -> dict[str, Any]:
+    """What config.json holds for `model`: architecture name, architecture fields, inference block."""
+    fields = {k: v for k, v in model.config.to_dict().items() if k not in EXECUTION_FIELDS}
+    return {"architecture": getattr(model, "architecture", "bionet"), **fields,
+            INFERENCE_KEY: inference_info(model).to_dict()}
+
+
+def save_pretrained(model, directory: str | Path, weights_name: str = WEIGHTS_NAME,
+                    model_card: bool = True) -> Path:
+    """Write `directory/config.json`, `directory/<weights_name>` and (model_card) a README.md model
+    card; returns the directory."""
     directory = Path(directory)
-    data = {"architecture": getattr(model, "architecture", "bionet"), **model.config.to_dict()}
-    text = json.dumps(data, indent=2, sort_keys=True)
+    text = json.dumps(config_dict(model), indent=2, sort_keys=True)
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
     save_weights(model.state_dict(), directory / weights_name, {"format": "pt", "library": "bionet_fast"})
+    if model_card:
+        from .hub import model_card_text  # text only: needs no huggingface_hub
+
+        card = model_card_text(model)
+        atomic_write(directory / CARD_NAME, lambda tmp: Path(tmp).write_text(card))
     return directory
 
 
-def read_config(directory: str | Path, config_cls=BiONetConfig, architecture: str = "bionet"):
-    """The config of a saved folder as `config_cls`; ValueError if the folder holds another
-    architecture (folders older than the "architecture" key are BiONets)."""
+def read_config_data(directory: str | Path) -> dict[str, Any]:
+    """The parsed config.json of a saved folder (FileNotFoundError / ValueError naming the fix)."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: expected a folder written by "
                                 "save_pretrained or python -m bionet_fast.train --out")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); the folder's config is damaged") from None
+
+
+def read_config(directory: str | Path, config_cls=BiONetConfig, architecture: str = "bionet"):
+    """The model config of a saved folder as `config_cls`; ValueError if the folder holds another
+    architecture (folders older than the "architecture" key are BiONets)."""
+    return _split(read_config_data(directory), directory, config_cls, architecture, {})[0]
+
+
+def _split(data: dict, directory, config_cls, architecture: str, overrides: dict):
+    """config.json data -> (model config with overrides, InferenceInfo or None)."""
+    data = dict(data)
     found = data.pop("architecture", "bionet")
     if found != architecture:
         raise ValueError(f"{directory} holds a {found} checkpoint, not a {architecture}; load it with "
                          f"bionet_fast.from_pretrained({str(directory)!r}), which picks the class")
-    return config_cls.from_dict(data)
+    block = data.pop(INFERENCE_KEY, None)
+    info = InferenceInfo.from_dict(block) if isinstance(block, dict) else None
+    if data.get("backend") == "triton" and "backend" not in overrides and not torch.cuda.is_available():
+        warnings.warn(f"{directory} was saved with backend='triton', which needs a CUDA GPU; this machine "
+                      "has none, so the reference (PyTorch) backend runs it (same weights, same outputs)",
+                      stacklevel=4)
+        data["backend"] = "auto"
+    return config_cls.from_dict({**data, **overrides}), info
 
 
 def load_pretrained(cls, directory: str | Path, weights_name: str = WEIGHTS_NAME, **overrides: Any):
-    """Build `cls` from `directory/config.json` (overrides win) and load `directory/<weights_name>`."""
+    """Build `cls` from `directory/config.json` (overrides win) and load `directory/<weights_name>`.
+
+    `directory`: a local folder, or a Hugging Face Hub repo id ("org/name"; hub options
+    revision, cache_dir, local_files_only, token, force_download may be passed). The folder's
+    "inference" block becomes `model.inference_info` (None for folders older than it)."""
+    hub = {k: overrides.pop(k) for k in HUB_OPTIONS if k in overrides}
+    folder = resolve_folder(directory, weights_name, **hub)
     config_cls = getattr(cls, "config_class", BiONetConfig)
-    config = read_config(directory, config_cls, getattr(cls, "architecture", "bionet"))
-    data = {**config.to_dict(), **overrides}
-    model = cls.from_config(config_cls.from_dict(data))
-    weights = Path(directory) / weights_name
+    config, info = _split(read_config_data(folder), directory, config_cls,
+                          getattr(cls, "architecture", "bionet"), overrides)
+    model = cls.from_config(config)
+    weights = folder / weights_name
     if not weights.is_file():
         raise FileNotFoundError(f"no {weights_name} in {directory}; the folder holds "
-                                f"{sorted(p.name for p in Path(directory).iterdir())}")
-    load_state(model, load_file(str(weights)), source=str(weights))
+                                f"{sorted(p.name for p in folder.iterdir())}")
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # SafetensorError / OSError do not name the file
+        raise ValueError(f"{weights} is corrupt or truncated ({type(err).__name__}: {err}); it cannot be "
+                         "loaded") from None
+    load_state(model, state, source=str(weights))
+    model.inference_info = info
     return model
+
+
+def resolve_folder(directory: str | Path, weights_name: str = WEIGHTS_NAME, **hub: Any) -> Path:
+    """A local folder as is; a Hub repo id downloaded (or found in the cache) through `hub`."""
+    path = Path(directory)
+    if path.is_dir() or not looks_like_repo_id(str(directory)):
+        if hub.get("revision") is not None:
+            raise ValueError(f"revision={hub['revision']!r} applies to Hub repo ids, but {directory} is "
+                             "a local path; drop revision or pass a repo id such as 'org/name'")
+        return path
+    from .hub import download_folder
+
+    return download_folder(str(directory), weights_name, **hub)
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """'org/name' (one slash, no path syntax): a Hub repo id rather than a missing local folder."""
+    parts = text.split("/")
+    return (len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+            and "\\" not in text and not Path(text).exists())
 
 
 def load_state(model, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:

@@ -116,15 +116,24 @@ class RecurrentModel(nn.Module):
             self.train(was_training)
         return torch.sigmoid(logits) if self.config.classes == 1 else torch.softmax(logits, dim=1)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `config.json` and `model.safetensors` into `directory` (atomically)."""
+    def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
+        """Write `config.json`, `model.safetensors` and a README.md model card into `directory`
+        (atomically); kwargs: weights_name, model_card."""
         from .pretrained import save_pretrained
 
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Upload what save_pretrained writes to the Hugging Face Hub repo `repo_id` (needs
+        bionet_fast[hub]); kwargs: token, private, revision, commit_message, create_pr."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any):
-        """Load a directory written by `save_pretrained` (or by the trainer); overrides win."""
+        """Load a directory written by `save_pretrained` (or by the trainer), or a Hugging Face Hub
+        repo id (revision, cache_dir, local_files_only, token); overrides win."""
         from .pretrained import load_pretrained
 
         return load_pretrained(cls, directory, **overrides)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 _UMASK = os.umask(0)  # read the process umask once (os.umask can only be read by setting it)
 os.umask(_UMASK)
+TMP_SUFFIX = ".tmp"
 
 
 def file_mode() -> int:
@@ -20,20 +22,57 @@ def file_mode() -> int:
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
-    """Call `write(tmp_path)` then rename tmp over `path`: a reader never sees a half-written file."""
+    """Call `write(tmp_path)`, then fsync the temporary file, give it the umask's mode, rename it
+    over `path` and fsync the folder: a reader (or a run killed at any moment, or a power cut)
+    sees the old file or the new one, never half of one. A folder that cannot be written is a
+    PermissionError naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except PermissionError as err:
+        raise PermissionError(f"cannot write {path}: {path.parent} is not writable ({err.strerror}); "
+                              "choose another output folder") from err
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, file_mode())  # mkstemp (and safetensors' own rename) make 0600 files
+        # chmod after the write: mkstemp, and safetensors' own temp-and-rename, make 0600 files
+        os.chmod(tmp, file_mode())
+        _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
+        _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # the rename itself
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _fsync(path: str | Path, flags: int) -> None:
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # folders cannot be opened on some systems (Windows): nothing to sync
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # file systems without fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of saves that were killed before their rename (ours,
+    ``.NAME.XXXX.tmp``, and safetensors' own ``.tmpXXXXXX``); returns what was removed. Call it
+    only on a folder no other process is writing (a run folder whose lock is held)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.is_file() and p.name.startswith(".")
+             and (p.name.endswith(TMP_SUFFIX) or re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", p.name))]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def jsonable(value: Any) -> Any:

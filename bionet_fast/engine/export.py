@@ -1,0 +1,196 @@
+"""Export a model to one self-contained file for other runtimes: ONNX, TorchScript (what QuPath's
+deep-learning extension loads) or a torch.export ExportedProgram.
+
+`export(model, path, format=...)` always traces the reference (plain PyTorch) path, whatever
+backend the model was built with: a reference copy shares the model's state_dict, so the fused
+Triton blocks (opaque to every tracer) are never traced. Batch, height and width stay dynamic.
+Beside the file it writes `<file>.json` with what a consumer needs (channels, value range, size
+multiple, activation, task, classes, threshold), then verifies the file by running it (onnxruntime
+for ONNX when installed, torch.jit.load, torch.export.load) at two input sizes and reports the
+largest difference from PyTorch.
+
+The size check (sides multiples of 2**(depth+1)) is not part of a traced ONNX or TorchScript graph:
+a bad size fails inside the runtime with a shape error; the JSON states the rule. The ExportedProgram
+keeps it as a guard.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..models.pretrained import inference_info
+from ..utils.files import atomic_write, write_json
+
+FORMATS = ("onnx", "torchscript", "exported-program")
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+
+@dataclass
+class ExportReport:
+    """What `export` wrote and how close the file's outputs are to PyTorch's."""
+
+    path: Path
+    meta_path: Path
+    format: str
+    max_abs_diff: dict[str, float] = field(default_factory=dict)  # "BxCxHxW" -> max |file - torch|
+    verified_with: Optional[str] = None  # None when no runtime was available (ONNX without onnxruntime)
+
+    def summary(self) -> str:
+        if self.verified_with is None:
+            return f"wrote {self.path} and {self.meta_path} (not verified: pip install onnxruntime)"
+        diffs = ", ".join(f"{k}: {v:.2e}" for k, v in self.max_abs_diff.items())
+        return (f"wrote {self.path} and {self.meta_path}; verified with {self.verified_with}, "
+                f"largest difference from PyTorch {diffs}")
+
+
+@contextlib.contextmanager
+def _reference_backend() -> Iterator[None]:
+    """BIONET_FAST_BACKEND would override the reference copy's backend: unset it while tracing."""
+    saved = os.environ.pop("BIONET_FAST_BACKEND", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["BIONET_FAST_BACKEND"] = saved
+
+
+def reference_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode, CPU, float32 copy of `model` on the reference backend, without checkpointing,
+    sharing nothing but the values of its state_dict."""
+    cfg = model.config
+    changes = {k: v for k, v in (("backend", "reference"), ("checkpoint_iters", False))
+               if hasattr(cfg, k)}
+    ref = type(model).from_config(dataclasses.replace(cfg, **changes))
+    ref.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    return ref.eval()
+
+
+def default_sizes(model: nn.Module, channels: int) -> list[tuple[int, int, int, int]]:
+    """Two input shapes (trace / verify): a square and a non-square one of another batch size."""
+    m = model.size_multiple
+    side = max(2 * m, 64 // m * m)
+    return [(1, channels, side, side), (2, channels, side + m, side - m if side > m else 2 * m)]
+
+
+def export(model: nn.Module, path: str | Path, format: str = "onnx",
+           sizes: Optional[list[tuple[int, int, int, int]]] = None, opset: int = 17,
+           verify: bool = True) -> ExportReport:
+    """Write `model` to `path` in `format` (onnx | torchscript | exported-program) and the JSON
+    `<path>.json` beside it; verify the file at `sizes` (two (B, C, H, W) shapes, sides multiples of
+    model.size_multiple; the first is traced). Returns an ExportReport."""
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r}; choose one of {', '.join(FORMATS)}")
+    if format == "onnx" and importlib.util.find_spec("onnx") is None:
+        raise ImportError("ONNX export needs the onnx package (and onnxruntime to verify the file): "
+                          "pip install bionet_fast[onnx]")
+    path = Path(path)
+    cfg = model.config
+    sizes = sizes or default_sizes(model, cfg.in_channels)
+    ref = reference_copy(model)
+    for shape in sizes:  # names the fix before any tracing
+        ref.check_input(torch.empty(shape, device="meta"))
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.rand(shape, generator=gen) for shape in sizes]
+    with _reference_backend(), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter, not actionable here
+        atomic_write(path, lambda tmp: _WRITERS[format](ref, inputs[0], Path(tmp), opset))
+        expected = [ref(x) for x in inputs]
+        runner, name = _runner(format, path) if verify else (None, None)
+        diffs = {}
+        if runner is not None:
+            for x, want in zip(inputs, expected):
+                got = runner(x)
+                diffs["x".join(map(str, x.shape))] = float((got.float() - want).abs().max())
+    meta_path = path.with_name(path.name + ".json")
+    meta = export_metadata(model, format, diffs)
+    write_json(meta_path, meta)
+    return ExportReport(path, meta_path, format, diffs, name)
+
+
+def export_metadata(model: nn.Module, format: str, diffs: dict) -> dict:
+    """The JSON a consumer of the exported file needs."""
+    cfg, info = model.config, inference_info(model)
+    if info.task == "super-resolution":
+        act = "none"
+    else:
+        act = "sigmoid" if cfg.classes == 1 else "softmax"
+    arch = {k: v for k, v in cfg.to_dict().items()
+            if k not in ("backend", "checkpoint_iters", "checkpoint_segments", "checkpoint_stages")}
+    return {
+        "format": format, "architecture": getattr(model, "architecture", "bionet"), "config": arch,
+        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "channels": cfg.in_channels,
+                  "value_range": list(info.value_range), "size_multiple": model.size_multiple,
+                  "dynamic": ["batch", "height", "width"]},
+        "output": {"name": OUTPUT_NAME, "channels": cfg.classes, "activation": act,
+                   "meaning": "logits: apply the activation, then the threshold" if act != "none"
+                   else "the super-resolved image (input upsampled bicubically sr_scale times first)"},
+        "task": info.task, "sr_scale": info.sr_scale, "classes": cfg.classes, "threshold": info.threshold,
+        "tile_size": info.tile_size,
+        "size_check": f"height and width must be multiples of {model.size_multiple}; the exported graph "
+                      "does not check it" + (" (the ExportedProgram keeps it as a guard)"
+                                             if format == "exported-program" else ": pad or tile first"),
+        "max_abs_diff_vs_pytorch": diffs, "exporter": f"bionet_fast {_version()}, torch {torch.__version__}",
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bionet_fast")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "(not installed)"
+
+
+# --- the three writers and their runners ------------------------------------------------------------
+def _write_onnx(ref: nn.Module, x: torch.Tensor, tmp: Path, opset: int) -> None:
+    # The TorchScript-based exporter: one file with the weights inside (the dynamo exporter writes
+    # them to a side file by default) and dynamic axes, in about 1 s for a tiny model (dynamo ~30 s).
+    dyn = {0: "batch", 2: "height", 3: "width"}
+    torch.onnx.export(ref, (x,), str(tmp), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                      dynamic_axes={INPUT_NAME: dyn, OUTPUT_NAME: dyn}, opset_version=opset)
+
+
+def _write_torchscript(ref: nn.Module, x: torch.Tensor, tmp: Path, opset: int) -> None:
+    # Tracing is shape-generic here: no op of the forward depends on H or W except the input check,
+    # which the trace drops (check_trace=False: the check's Python branches warn, not differ).
+    traced = torch.jit.trace(ref, (x,), check_trace=False)
+    traced.save(str(tmp))
+
+
+def _write_exported_program(ref: nn.Module, x: torch.Tensor, tmp: Path, opset: int) -> None:
+    m = ref.size_multiple
+    dim = torch.export.Dim
+    shapes = {"x": {0: dim("batch", min=1, max=4096), 2: m * dim("h_blocks", min=1, max=65536 // m),
+                    3: m * dim("w_blocks", min=1, max=65536 // m)}}
+    x = x.expand(2, *x.shape[1:]) if x.shape[0] == 1 else x  # an example batch of 1 would specialise it
+    torch.export.save(torch.export.export(ref, (x,), dynamic_shapes=shapes), str(tmp))
+
+
+_WRITERS = {"onnx": _write_onnx, "torchscript": _write_torchscript, "exported-program": _write_exported_program}
+
+
+def _runner(format: str, path: Path):
+    """(callable x -> output tensor, runtime name) for the written file; (None, None) when the
+    runtime is not installed."""
+    if format == "torchscript":
+        loaded = torch.jit.load(str(path)).eval()
+        return loaded, "torch.jit.load"
+    if format == "exported-program":
+        module = torch.export.load(str(path)).module()
+        return module, "torch.export.load"
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None, None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return (lambda x: torch.from_numpy(session.run(None, {INPUT_NAME: x.numpy()})[0])), "onnxruntime"

@@ -1,0 +1,147 @@
+"""The Hugging Face Hub: download a saved folder by repo id, push one, and write its model card.
+
+`huggingface_hub` is an optional extra (`pip install bionet_fast[hub]`), imported only when a repo
+id is given or `push_to_hub` is called; the model card is plain text and needs nothing.
+A Hub repo holds exactly what `save_pretrained` writes (config.json, model.safetensors, README.md),
+so a downloaded snapshot loads through the same strict path as a local folder.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import InferenceInfo
+
+CITATION = """@inproceedings{xiang2020bionet,
+  title     = {{BiO-Net}: Learning Recurrent Bi-directional Connections for Encoder-Decoder Architecture},
+  author    = {Xiang, Tiange and Zhang, Chaoyi and Liu, Dongnan and Song, Yang and Huang, Heng and Cai, Weidong},
+  booktitle = {Medical Image Computing and Computer Assisted Intervention (MICCAI)},
+  year      = {2020}
+}"""
+
+
+def _hf():
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ImportError("loading from or pushing to the Hugging Face Hub needs huggingface_hub: "
+                          "pip install bionet_fast[hub] (or pip install huggingface_hub)") from None
+    return huggingface_hub
+
+
+def download_folder(repo_id: str, weights_name: str = "model.safetensors", *, revision: Optional[str] = None,
+                    cache_dir: Optional[str | Path] = None, local_files_only: bool = False,
+                    token: Optional[str | bool] = None, force_download: bool = False) -> Path:
+    """Fetch config.json and `weights_name` of `repo_id` (or find them in the cache: with
+    local_files_only or HF_HUB_OFFLINE=1 nothing touches the network); returns the snapshot folder."""
+    hf = _hf()
+    kw = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+              force_download=force_download, library_name="bionet_fast")
+    try:
+        config = hf.hf_hub_download(repo_id, "config.json", **kw)
+        weights = hf.hf_hub_download(repo_id, weights_name, **kw)
+    except hf.errors.LocalEntryNotFoundError as err:
+        raise FileNotFoundError(
+            f"{repo_id} is not a local folder, and the Hub repo {repo_id}"
+            f"{f' (revision {revision})' if revision else ''} is not in the cache "
+            f"({cache_dir or hf.constants.HF_HUB_CACHE}) while offline ({err.__class__.__name__}); "
+            "pass the path of a saved folder, or go online (unset HF_HUB_OFFLINE, local_files_only=False)"
+        ) from None
+    except (hf.errors.RepositoryNotFoundError, hf.errors.RevisionNotFoundError,
+            hf.errors.EntryNotFoundError) as err:
+        raise FileNotFoundError(f"{repo_id} is neither a local folder nor a Hub model repo with config.json "
+                                f"and {weights_name} ({err.__class__.__name__}); check the name, the "
+                                "revision and your token") from None
+    if Path(config).parent != Path(weights).parent:
+        raise ValueError(f"{repo_id}: config.json and {weights_name} come from different snapshots")
+    return Path(config).parent
+
+
+def push_to_hub(model, repo_id: str, *, token: Optional[str] = None, private: Optional[bool] = None,
+                revision: Optional[str] = None, commit_message: str = "Upload BiO-Net weights",
+                create_pr: bool = False) -> Any:
+    """save_pretrained into a temporary folder and upload it as one commit (creating the repo if
+    needed); returns huggingface_hub's CommitInfo."""
+    hf = _hf()
+    api = hf.HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
+                                 commit_message=commit_message, create_pr=create_pr)
+
+
+def model_card_text(model, repo_id: Optional[str] = None) -> str:
+    """README.md for a saved folder: YAML front matter, architecture, t, parameters, task, training
+    data and metrics, how to load it, and the paper's citation."""
+    cfg = model.config
+    info = getattr(model, "inference_info", None)
+    info = info if isinstance(info, InferenceInfo) else InferenceInfo()
+    arch = getattr(model, "architecture", "bionet")
+    n = sum(p.numel() for p in model.parameters())
+    name = repo_id or "PATH_OR_REPO_ID"
+    task = info.task + (f" (x{info.sr_scale})" if info.task == "super-resolution" else "")
+    rows = [("architecture", arch), ("iterations t", cfg.iterations),
+            ("channel multiplier", getattr(cfg, "multiplier", "-")), ("depth", getattr(cfg, "depth", "-")),
+            ("integrate (INT)", getattr(cfg, "integrate", "-")), ("parameters", f"{n:,}"),
+            ("input", f"{cfg.in_channels} channels, values in {list(info.value_range)}, sides multiples "
+                      f"of {getattr(model, 'size_multiple', '?')}"),
+            ("output", f"{cfg.classes} channel(s), {task}"),
+            ("training tile", info.tile_size or "whole images")]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    metrics = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(info.metrics.items())) or "| - | not recorded |"
+    tags = "\n".join(f"  - {t}" for t in ("bionet_fast", "image-segmentation", "pytorch", "biomedical",
+                                          "nuclei-segmentation"))
+    return f"""---
+library_name: bionet_fast
+tags:
+{tags}
+---
+
+# {arch} (t={cfg.iterations})
+
+A BiO-Net (recurrent bi-directional U-Net) trained with bionet_fast for {task}.
+
+| | |
+|---|---|
+{table}
+
+## Training data
+
+{info.training_data or "not recorded"}
+
+## Validation metrics
+
+| metric | value |
+|---|---|
+{metrics}
+
+## How to load it
+
+```python
+import torch
+import bionet_fast
+
+model = bionet_fast.from_pretrained("{name}")   # a local folder or a Hub repo id
+probs = model.predict(torch.rand(1, {cfg.in_channels}, 256, 256))   # values in {list(info.value_range)}
+```
+
+or from the command line:
+`python -m bionet_fast.predict --checkpoint {name} IMAGES... --out predictions/`
+(images of any size are tiled). Export for QuPath (TorchScript) or ONNX runtimes:
+`python -m bionet_fast.export --checkpoint {name} --format torchscript --out model.pt`.
+
+## Citation
+
+T. Xiang, C. Zhang, D. Liu, Y. Song, H. Huang, W. Cai, "BiO-Net: Learning Recurrent Bi-directional Connections for
+Encoder-Decoder Architecture", MICCAI 2020.
+
+```bibtex
+{CITATION}
+```
+"""
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

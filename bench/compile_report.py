@@ -43,7 +43,7 @@ def bionet_layers(multiplier: float = 1.0, depth: int = 4) -> dict:
             return super().block(xs, conv, bn)
 
     model = BiONet(iterations=2, multiplier=multiplier, depth=depth, backend="reference").eval()
-    model._ops = lambda device: Recorder()
+    model._ops = lambda device, *_: Recorder()
     with torch.no_grad():
         model(torch.zeros(1, model.config.in_channels, model.size_multiple, model.size_multiple))
     return dict(sorted(seen.items()))

@@ -45,10 +45,10 @@ from .engine.run_lock import RunLocked
 from .engine.train_config import TrainConfig
 from .models import BiOLinkNetConfig, BiONetConfig
 
-SYNTHETIC = dict(multiplier=0.25, depth=3, image_size=64, batch_size=8, epochs=10, steps=80, lr=0.01,
+SYNTHETIC = dict(multiplier=0.25, depth=3, padding_mode="zeros", image_size=64, batch_size=8, epochs=10, steps=80, lr=0.01,
                  workers=0, n_train=512, n_val=48)
-PAPER = dict(multiplier=1.0, depth=4, image_size=None, batch_size=2, epochs=300, steps=250, lr=0.01, workers=2)
-BIONET_ONLY = ("multiplier", "depth", "backward_skips", "integrate")  # not options of BiO-LinkNet
+PAPER = dict(multiplier=1.0, depth=4, padding_mode="zeros", image_size=None, batch_size=2, epochs=300, steps=250, lr=0.01, workers=2)
+BIONET_ONLY = ("multiplier", "depth", "backward_skips", "integrate", "padding_mode")  # not options of BiO-LinkNet
 # Every numeric option, checked before any work (the message names the flag).
 NUMBERS = dict(t=AT_LEAST_1, multiplier=POSITIVE, depth=AT_LEAST_1, backward_skips=AT_LEAST_0, in_channels=AT_LEAST_1,
                classes=AT_LEAST_1, bn_momentum=MOMENTUM, image_size=AT_LEAST_1, workers=AT_LEAST_0,
@@ -57,7 +57,7 @@ NUMBERS = dict(t=AT_LEAST_1, multiplier=POSITIVE, depth=AT_LEAST_1, backward_ski
                save_every_steps=AT_LEAST_0, save_every_minutes=POSITIVE, threads=AT_LEAST_1,
                grad_accum_steps=AT_LEAST_1, clip_grad=POSITIVE,
                model_ema_decay=(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.999"))
-ARCH = ("arch", "t", "multiplier", "depth", "backward_skips", "integrate", "in_channels", "classes", "task")
+ARCH = ("arch", "t", "multiplier", "depth", "backward_skips", "integrate", "padding_mode", "in_channels", "classes", "task")
 
 
 def _int_or_auto(text: str):
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--depth", "--num_layers", type=int, help="encoder depth L (paper 4; synthetic 3)")
     a("--backward-skips", type=int, help="backward skips counted from the deepest level (default: all)")
     a("--integrate", action="store_true", help="INT: feed every iteration's output to the last stage")
+    a("--padding-mode", choices=("zeros", "reflect", "replicate"),
+      help="how the convs pad: zeros (the official network; default) or reflect/replicate")
     a("--in-channels", type=int, default=3, help="image channels: 3 RGB (default), 1 gray")
     a("--classes", type=int, help="output channels: 1 = nucleus/background (default); K > 1: label maps "
                                   "with softmax; super-resolution: the image channels")

@@ -1,14 +1,19 @@
-"""A model trained with the default synthetic recipe, shortened (t=2, 60 steps), gives the same
-Dice whatever the inference window: its training crop, twice it, and the whole image (issue 16,
-case 14). Scored on held-out synthetic images three times the crop's side, pooled over the images.
+"""A trained model gives the same answer whatever the inference window (issue 16, case 14).
 
-Not yet true at the default t=5 (docs/sections/robustness.md: the failure grows with the
-iterations, and a t=5 model needs far more than a minute of training to be worth comparing); this
-test keeps the t=2 case from regressing while case 14 stays open."""
+Cause (docs/sections/robustness.md, bench/window_size.py): with zero padding, the deepest maps of a
+64-pixel training crop are all border, so a larger window feeds the deep layers statistics the
+BatchNorms never saw, and the recurrence amplifies the shift every iteration. `padding_mode=
+"reflect"` (convs pad by reflection, the UP deconvs read a replicated edge) makes borders look like
+image; "zeros" stays the default so that official checkpoints import exactly."""
+import pytest
+import torch
+
 from bionet_fast import BiONet
 from bionet_fast.data.synthetic import SyntheticNucleiDataset
 from bionet_fast.engine.inference import infer
 from bionet_fast.metrics import SegmentationMeter
+from bionet_fast.models.bionet import _EdgeUp, _up
+from bionet_fast.models.config import BiONetConfig
 from bionet_fast.train import SYNTHETIC
 from bionet_fast.train import main as train
 
@@ -21,7 +26,67 @@ def _dice(model: BiONet, images: SyntheticNucleiDataset, window: int) -> float:
     return meter.compute()["dice"]
 
 
+def _eval_model(padding_mode: str) -> BiONet:
+    """A t=3 depth-2 model with random weights and random BatchNorm statistics, in eval mode."""
+    torch.manual_seed(0)
+    model = BiONet(iterations=3, multiplier=0.25, depth=2, padding_mode=padding_mode).double().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(0.0, 0.5), m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_default_padding_is_the_official_zeros_and_weights_are_shared():
+    assert BiONetConfig().padding_mode == "zeros" and BiONet().config.padding_mode == "zeros"
+    zeros, reflect = _eval_model("zeros"), _eval_model("reflect")
+    assert zeros.state_dict().keys() == reflect.state_dict().keys()
+    reflect.load_state_dict(zeros.state_dict())  # same parameters; only the padding differs
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    assert not torch.allclose(zeros(x), reflect(x))
+    with pytest.raises(ValueError, match="padding_mode='circular'"):
+        BiONetConfig(padding_mode="circular")
+    with pytest.raises(ValueError, match="triton backend pads with zeros"):
+        BiONet(depth=2, multiplier=0.25, padding_mode="reflect",
+               backend="triton").resolved_backend(torch.device("cpu"))
+
+
+def test_edge_up_is_the_official_up_but_for_its_last_row_and_column():
+    torch.manual_seed(0)
+    official, edge = _up(4), _EdgeUp(4, "constant")  # constant (zero) edge: the official deconv exactly
+    edge.load_state_dict(official.state_dict())
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    official, edge = official.double(), edge.double()
+    torch.testing.assert_close(edge(x), official(x))
+    edge.edge_mode = "replicate"
+    y, ref = edge(x), official(x)
+    torch.testing.assert_close(y[..., :-1, :-1], ref[..., :-1, :-1])
+    assert not torch.allclose(y[..., -1, :], ref[..., -1, :])
+
+
+def test_a_featureless_window_looks_nearly_the_same_at_every_size():
+    """A uniform image, a 16-pixel window vs the same corner of a 64-pixel one (random eval-mode
+    model, float64): reflect padding makes the answer depend far less on the window than zeros."""
+    x = torch.full((1, 3, 64, 64), 0.6, dtype=torch.float64)
+    gap = {}
+    for mode in ("zeros", "reflect"):
+        model = _eval_model(mode)
+        with torch.no_grad():
+            gap[mode] = (model(x[..., :16, :16]) - model(x)[..., :16, :16]).abs().mean().item()
+    assert gap["reflect"] < gap["zeros"] / 5, gap  # measured: 0.011 vs 0.107
+
+
+def test_padding_mode_survives_save_and_load(tmp_path):
+    model = _eval_model("reflect")
+    model.save_pretrained(tmp_path)
+    loaded = BiONet.from_pretrained(tmp_path).double().eval()
+    assert loaded.config.padding_mode == "reflect"
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
 def test_dice_does_not_depend_on_the_window(tmp_path):
+    """The default synthetic recipe, shortened (t=2, 60 steps): the same Dice at its training crop,
+    twice it and the whole image (held-out images three times the crop's side, pooled)."""
     crop, out = SYNTHETIC["image_size"], tmp_path / "run"
     assert train(["--t", "2", "--epochs", "2", "--steps", "30", "--n-train", "128", "--n-val", "4",
                   "--precise-bn", "32", "--quiet", "--device", "cpu", "--out", str(out)]) == 0

@@ -31,6 +31,7 @@ class TrainConfig:
     depth: int = 3
     backward_skips: Optional[int] = None
     integrate: bool = False
+    padding_mode: str = "zeros"
     in_channels: int = 3
     classes: int = 1
     bn_momentum: float = 0.01

@@ -65,7 +65,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         shape = (dict(multiplier=cfg.multiplier, depth=cfg.depth, backward_skips=cfg.backward_skips,
-                      integrate=cfg.integrate) if cfg.arch == "bionet" else {})  # BiO-Net's own options
+                      integrate=cfg.integrate, padding_mode=cfg.padding_mode) if cfg.arch == "bionet" else {})  # BiO-Net's own options
         self.model = create_model(cfg.arch, in_channels=cfg.in_channels, classes=cfg.classes,
                                   iterations=cfg.t, bn_momentum=cfg.bn_momentum, **shape,
                                   checkpoint_iters=cfg.checkpoint_iters, backend=cfg.backend).to(device)

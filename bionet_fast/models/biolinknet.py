@@ -14,24 +14,23 @@ across iterations are `RecurrentModel`'s, shared with BiONet.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..blocks.reference import batch_norm
-from .config import BACKENDS
+from .config import BACKENDS, JsonConfig
 from .recurrence import RecurrentModel, ckpt
 
 ENCODER = (64, 128, 256, 512)  # channels of E1..E4 (ResNet-18 layer1..layer4)
 
 
 @dataclass
-class BiOLinkNetConfig:
+class BiOLinkNetConfig(JsonConfig):
     """Architecture (``iterations`` = t) and execution options (``checkpoint_*``, ``backend``) of a
     BiO-LinkNet. The encoder is ResNet-18, so there is no width or depth to choose."""
 
@@ -73,17 +72,7 @@ class BiOLinkNetConfig:
                 "block only; BiO-LinkNet (conv -> BN -> ReLU with residual adds) runs on the PyTorch "
                 "path: use backend='auto' or 'reference'")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BiOLinkNetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown BiOLinkNetConfig field(s) {unknown}; known fields are {sorted(known)} "
-                             "(multiplier, depth, backward_skips and integrate are BiONet options)")
-        return cls(**data)
+    _UNKNOWN_HINT = " (multiplier, depth, backward_skips and integrate are BiONet options)"
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -187,24 +176,8 @@ class BiOLinkNet(RecurrentModel):
         return "reference"
 
     # --- input checks -----------------------------------------------------------------------
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise ValueError, with the fix, unless x is (B, in_channels, H, W), H and W multiples of 32."""
-        cfg = self.config
-        if x.dim() != 4:
-            raise ValueError(f"BiOLinkNet expects a 4-D batch (B, C, H, W); got shape {tuple(x.shape)}. "
-                             "Add a batch dimension with x.unsqueeze(0).")
-        if x.shape[1] != cfg.in_channels:
-            raise ValueError(f"BiOLinkNet was built with in_channels={cfg.in_channels} but the input has "
-                             f"{x.shape[1]} channels (shape {tuple(x.shape)}). Convert the images "
-                             f"(e.g. gray <-> RGB) or build the model with in_channels={x.shape[1]}.")
-        m = cfg.size_multiple
-        for name, size in (("height", x.shape[2]), ("width", x.shape[3])):
-            if size % m:
-                lo, hi = (size // m) * m, (size // m + 1) * m
-                near = f"{lo} or {hi}" if lo else f"{hi}"
-                raise ValueError(f"input {name} {size} is not a multiple of {m} (BiO-LinkNet downsamples "
-                                 f"5 times); crop or pad to {near}, or use "
-                                 "bionet_fast.sliding_window_inference for images of any size.")
+    def _size_rule(self) -> str:
+        return f"not a multiple of {self.config.size_multiple} (BiO-LinkNet downsamples 5 times)"
 
     # --- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..blocks.inference_cache import InferenceCache
@@ -24,21 +25,38 @@ from .config import BiONetConfig
 from .recurrence import RecurrentModel, ckpt as _ckpt
 
 
-def _conv(cin: int, cout: int, k: int = 3) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, padding=k // 2)
+def _conv(cin: int, cout: int, k: int = 3, padding_mode: str = "zeros") -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, padding=k // 2, padding_mode=padding_mode if k > 1 else "zeros")
 
 
-def _up(c: int) -> nn.ConvTranspose2d:
+class _EdgeUp(nn.ConvTranspose2d):
+    """The UP deconv (3, stride 2, padding 1, output_padding 1) whose last output row/column, which
+    zero padding computes from a missing input row/column, reads the edge padded by `mode` instead.
+    Same parameters and state_dict keys as nn.ConvTranspose2d; reference backend only."""
+
+    def __init__(self, c: int, mode: str):
+        super().__init__(c, c, 3, stride=2, padding=1, output_padding=0)
+        self.edge_mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, 2H, 2W)."""
+        h, w = x.shape[-2:]
+        return super().forward(F.pad(x, (0, 1, 0, 1), mode=self.edge_mode))[..., :2 * h, :2 * w]
+
+
+def _up(c: int, padding_mode: str = "zeros") -> nn.ConvTranspose2d:
+    if padding_mode != "zeros":
+        return _EdgeUp(c, padding_mode)
     return nn.ConvTranspose2d(c, c, 3, stride=2, padding=1, output_padding=1)
 
 
 class _Level(nn.Module):
     """The shared weights of one encoder or decoder level: two convs and the DOWN conv / UP deconv."""
 
-    def __init__(self, cin: int, cmid: int, resample: nn.Module):
+    def __init__(self, cin: int, cmid: int, resample: nn.Module, padding_mode: str = "zeros"):
         super().__init__()
-        self.conv1 = _conv(cin, cmid)
-        self.conv2 = _conv(cmid, cmid)
+        self.conv1 = _conv(cin, cmid, padding_mode=padding_mode)
+        self.conv2 = _conv(cmid, cmid, padding_mode=padding_mode)
         self.resample = resample
 
 
@@ -69,24 +87,25 @@ class BiONet(RecurrentModel):
                  multiplier: float = 1.0, depth: int = 4, backward_skips: Optional[int] = None,
                  integrate: bool = False, bn_momentum: float = 0.01, *, bn_eps: float = 1e-5,
                  checkpoint_iters: bool = False, checkpoint_segments: Optional[int] = None,
-                 checkpoint_stages: bool = False, backend: str = "auto"):
+                 checkpoint_stages: bool = False, backend: str = "auto", padding_mode: str = "zeros"):
         super().__init__()
         cfg = BiONetConfig(in_channels, classes, iterations, multiplier, depth, backward_skips, integrate,
                            bn_momentum, bn_eps, checkpoint_iters, checkpoint_segments, checkpoint_stages,
-                           backend)
+                           backend, padding_mode)
         self.config = cfg
-        c = cfg.channels
+        c, pm = cfg.channels, cfg.padding_mode
         bn = lambda ch: nn.BatchNorm2d(ch, eps=cfg.bn_eps, momentum=cfg.bn_momentum)  # noqa: E731
-        self.stem = nn.ModuleList([_conv(in_channels, c[0]), _conv(c[0], c[0]), _conv(c[0], c[0])])
+        conv = lambda cin, cout: _conv(cin, cout, padding_mode=pm)  # noqa: E731
+        self.stem = nn.ModuleList([conv(in_channels, c[0]), conv(c[0], c[0]), conv(c[0], c[0])])
         self.stem_norms = nn.ModuleList([bn(c[0]) for _ in range(3)])
         self.encoders = nn.ModuleList(
-            _Level(c[l] * (2 if cfg.has_backward_skip(l) else 1), c[l], _conv(c[l], c[l + 1]))
+            _Level(c[l] * (2 if cfg.has_backward_skip(l) else 1), c[l], conv(c[l], c[l + 1]), pm)
             for l in range(depth))
-        self.middle = _Level(c[-1], c[-1], _up(c[-1]))
-        self.decoders = nn.ModuleList(_Level(c[j + 1] + c[j], c[j], _up(c[j])) for j in range(depth))
+        self.middle = _Level(c[-1], c[-1], _up(c[-1], pm), pm)
+        self.decoders = nn.ModuleList(_Level(c[j + 1] + c[j], c[j], _up(c[j], pm), pm) for j in range(depth))
         self.norms = nn.ModuleList(_Norms(cfg) for _ in range(iterations))
-        self.head = nn.ModuleList([_conv(c[0] * (iterations if integrate else 1), c[0]),
-                                   _conv(c[0], c[0]), _conv(c[0], classes, k=1)])
+        self.head = nn.ModuleList([conv(c[0] * (iterations if integrate else 1), c[0]),
+                                   conv(c[0], c[0]), _conv(c[0], classes, k=1)])
         self.head_norms = nn.ModuleList([bn(c[0]), bn(c[0])])
         # fused backend, eval without grad: BatchNorm affines and folded weights kept across calls
         self.inference_cache = InferenceCache()
@@ -124,8 +143,11 @@ class BiONet(RecurrentModel):
         choice = os.environ.get("BIONET_FAST_BACKEND", "").strip().lower() or self.config.backend
         if choice not in ("auto", "reference", "triton"):
             raise ValueError(f"BIONET_FAST_BACKEND={choice!r}; use auto, reference or triton")
+        if choice == "triton" and self.config.padding_mode != "zeros":
+            raise ValueError(f"the triton backend pads with zeros; this model has padding_mode="
+                             f"{self.config.padding_mode!r}: use backend='reference' (or 'auto')")
         if choice == "auto":
-            if device.type != "cuda" or not _triton_available():
+            if device.type != "cuda" or not _triton_available() or self.config.padding_mode != "zeros":
                 return "reference"
             choice = "triton" if x is None else choose_backend(self, x)
         return choice
@@ -147,24 +169,9 @@ class BiONet(RecurrentModel):
         return super()._apply(fn, *args, **kwargs)
 
     # --- input checks -----------------------------------------------------------------------
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise ValueError, with the fix, unless x is (B, in_channels, H, W) with valid H, W."""
-        cfg = self.config
-        if x.dim() != 4:
-            raise ValueError(f"BiONet expects a 4-D batch (B, C, H, W); got shape {tuple(x.shape)}. "
-                             "Add a batch dimension with x.unsqueeze(0).")
-        if x.shape[1] != cfg.in_channels:
-            raise ValueError(f"BiONet was built with in_channels={cfg.in_channels} but the input has "
-                             f"{x.shape[1]} channels (shape {tuple(x.shape)}). Convert the images "
-                             f"(e.g. gray <-> RGB) or build the model with in_channels={x.shape[1]}.")
-        m = cfg.size_multiple
-        for name, size in (("height", x.shape[2]), ("width", x.shape[3])):
-            if size % m:
-                lo, hi = (size // m) * m, (size // m + 1) * m
-                near = f"{lo} or {hi}" if lo else f"{hi}"
-                raise ValueError(f"input {name} {size} is not divisible by 2**(depth+1) = {m} "
-                                 f"(depth={cfg.depth}); crop or pad to {near}, or use "
-                                 "bionet_fast.sliding_window_inference for images of any size.")
+    def _size_rule(self) -> str:
+        m = self.config.size_multiple
+        return f"not divisible by 2**(depth+1) = {m} (depth={self.config.depth})"
 
     # --- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,44 @@ from pathlib import Path
 from typing import Any, Optional
 
 BACKENDS = ("auto", "reference", "triton")
+PADDING_MODES = ("zeros", "reflect", "replicate")
+
+
+class JsonConfig:
+    """to_dict / from_dict / to_json / from_json for a dataclass config; unknown fields are refused
+    by name (`_UNKNOWN_HINT` adds a class-specific explanation)."""
+
+    _UNKNOWN_HINT = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields are {sorted(known)}"
+                             + cls._UNKNOWN_HINT)
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, source: str | Path):
+        """Read a config from a JSON string or a path to a JSON file."""
+        text = str(source)
+        if not text.lstrip().startswith("{"):
+            text = Path(source).read_text()
+        return cls.from_dict(json.loads(text))
 
 
 @dataclass
-class BiONetConfig:
+class BiONetConfig(JsonConfig):
     """Architecture and execution options of a BiO-Net.
 
     Architecture (paper notation): ``iterations`` = t, ``multiplier`` = xn, ``depth`` = L,
@@ -36,6 +70,10 @@ class BiONetConfig:
     checkpoint_segments: Optional[int] = None
     checkpoint_stages: bool = False
     backend: str = "auto"
+    # How the 3x3 convs pad and the UP deconvs fill their last row/column: "zeros" (the official
+    # network) or "reflect" / "replicate" (borders look like image, so the deep features of a small
+    # training crop match those of a large window: docs/sections/robustness.md, window size).
+    padding_mode: str = "zeros"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,34 +121,10 @@ class BiONetConfig:
         if self.checkpoint_segments is not None and not (
                 isinstance(self.checkpoint_segments, int) and self.checkpoint_segments >= 1):
             bad(f"checkpoint_segments={self.checkpoint_segments!r}; use an integer >= 1 or None (automatic)")
+        if self.padding_mode not in PADDING_MODES:
+            bad(f"padding_mode={self.padding_mode!r}; choose one of {', '.join(PADDING_MODES)}")
         if self.backend not in BACKENDS:
             bad(f"backend={self.backend!r}; choose one of {', '.join(BACKENDS)}")
-
-    # --- JSON round trip -------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BiONetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown BiONetConfig field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
-
-    @classmethod
-    def from_json(cls, source: str | Path) -> "BiONetConfig":
-        """Read a config from a JSON string or a path to a JSON file."""
-        text = str(source)
-        if not text.lstrip().startswith("{"):
-            text = Path(source).read_text()
-        return cls.from_dict(json.loads(text))
 
 
 TASKS = ("segmentation", "super-resolution")

@@ -85,6 +85,29 @@ class RecurrentModel(nn.Module):
     def _iteration(self, ops, i: int, x0, backs: Optional[list]):
         raise NotImplementedError
 
+    def _size_rule(self) -> str:
+        """Why sides must be multiples of `config.size_multiple`, for the error message."""
+        return f"not a multiple of {self.config.size_multiple}"
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError, with the fix, unless x is (B, in_channels, H, W) with H and W multiples
+        of `config.size_multiple`."""
+        cfg, name = self.config, type(self).__name__
+        if x.dim() != 4:
+            raise ValueError(f"{name} expects a 4-D batch (B, C, H, W); got shape {tuple(x.shape)}. "
+                             "Add a batch dimension with x.unsqueeze(0).")
+        if x.shape[1] != cfg.in_channels:
+            raise ValueError(f"{name} was built with in_channels={cfg.in_channels} but the input has "
+                             f"{x.shape[1]} channels (shape {tuple(x.shape)}). Convert the images "
+                             f"(e.g. gray <-> RGB) or build the model with in_channels={x.shape[1]}.")
+        m = cfg.size_multiple
+        for side, size in (("height", x.shape[2]), ("width", x.shape[3])):
+            if size % m:
+                lo, hi = (size // m) * m, (size // m + 1) * m
+                near = f"{lo} or {hi}" if lo else f"{hi}"
+                raise ValueError(f"input {side} {size} is {self._size_rule()}; crop or pad to {near}, or "
+                                 "use bionet_fast.sliding_window_inference for images of any size.")
+
     def _recurrence(self, ops, x0) -> list:
         """Run the t iterations; returns the outputs the head needs (the non-None ones, in order)."""
         run_ckpt = self._checkpointing()

@@ -85,11 +85,14 @@ def test_padding_mode_survives_save_and_load(tmp_path):
 
 
 def test_dice_does_not_depend_on_the_window(tmp_path):
-    """The default synthetic recipe, shortened (t=2, 60 steps): the same Dice at its training crop,
-    twice it and the whole image (held-out images three times the crop's side, pooled)."""
+    """The default synthetic recipe, shortened (t=2, 60 steps), with the fix at the source
+    (`--padding-mode reflect`): the same Dice at its training crop, twice it and the whole image
+    (held-out images three times the crop's side, pooled). With zero padding the same run is not
+    window-invariant even at t=2 (measured: 0.916 / 0.843 / 0.807 with 2 threads)."""
     crop, out = SYNTHETIC["image_size"], tmp_path / "run"
     assert train(["--t", "2", "--epochs", "2", "--steps", "30", "--n-train", "128", "--n-val", "4",
-                  "--precise-bn", "32", "--quiet", "--device", "cpu", "--out", str(out)]) == 0
+                  "--precise-bn", "32", "--padding-mode", "reflect", "--threads", "1", "--quiet",
+                  "--device", "cpu", "--out", str(out)]) == 0
     model = BiONet.from_pretrained(out).eval()
     held = SyntheticNucleiDataset(2, 3 * crop, seed=777)
     scores = {w: _dice(model, held, w) for w in (crop, 2 * crop, 3 * crop)}  # 3 * crop: the whole image

@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, help="default: the task the checkpoint was trained for")
     p.add_argument("--sr-scale", type=int, help="super-resolution factor (default: the training one)")
     p.add_argument("--tile-size", type=int,
-                   help="images are processed in overlapping tiles of this side (default: the training "
-                        "--image-size, else 512); smaller uses less memory")
+                   help="images are processed in overlapping tiles of this side (default: the model's, from "
+                        "its config.json: 512 for reflect-padded BiO-Nets, the training crop for zero-padded "
+                        "ones, else 512); smaller uses less memory")
     p.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
     p.add_argument("--save-predictions", action="store_true",
                    help="also write each predicted mask (PNG 0/255) and probability map (16-bit PNG)")

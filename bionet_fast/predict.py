@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the masks and probability maps")
     p.add_argument("--prob-format", choices=("png", "tiff"), default="png",
                    help="probability maps as 16-bit PNG / uint16 TIFF (default) or float32 TIFF")
-    p.add_argument("--tile-size", type=int, help="window side (default: the training --image-size, else 512)")
+    p.add_argument("--tile-size", type=int,
+                   help="window side (default: the model's, from its config.json: 512 for reflect-padded BiO-Nets, "
+                        "the training crop for zero-padded ones, else 512)")
     p.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction in [0, 1) (default 0.25)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per model call (default 4)")
     p.add_argument("--precision", choices=PRECISIONS, help="default: bf16 on CUDA and on CPUs with native bf16 "

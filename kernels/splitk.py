@@ -130,21 +130,29 @@ def _block_n(n: int) -> int:
 
 
 @triton.jit
+def _sum_splits(part_ptr, pid_m, M, N, SPLIT, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) tile (pid_m, program_id(1)) of the (SPLIT, M, N) partials summed in
+    the fixed order s = 0..SPLIT-1 (bitwise repeatable); with its row and column offsets and masks."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    mask = m_mask[:, None] & n_mask[None, :]
+    ptrs = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for s in range(0, SPLIT):
+        acc += tl.load(ptrs + s * M * N, mask=mask, other=0.0)
+    return acc, offs_m, offs_n, m_mask, n_mask
+
+
+@triton.jit
 def _fwd_reduce_kernel(part_ptr, bias_ptr, y_ptr, pmean_ptr, pm2_ptr, M, H, W, COUT, SPLIT,
                        sy_b, sy_c, sy_h, sy_w, HAS_BIAS: tl.constexpr, WANT_STATS: tl.constexpr,
                        ACC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr):
     """Sum the (SPLIT, M, COUT) partials of one tile in order s = 0..SPLIT-1, then fwd_epilogue."""
     pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < COUT
-    mask = m_mask[:, None] & n_mask[None, :]
-    ptrs = part_ptr + offs_m[:, None] * COUT + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for s in range(0, SPLIT):
-        acc += tl.load(ptrs + s * M * COUT, mask=mask, other=0.0)
+    acc, offs_m, offs_n, m_mask, n_mask = _sum_splits(part_ptr, pid_m, M, COUT, SPLIT, ACC, BLOCK_M, BLOCK_N)
     hw = H * W
     b = offs_m // hw
     r = offs_m - b * hw
@@ -174,15 +182,7 @@ def _dgrad_reduce_kernel(part_ptr, x1_ptr, x2_ptr, s1_ptr, s2_ptr, dx1_ptr, dx2_
                          BLOCK_N: tl.constexpr):
     """Sum the (SPLIT, M, C_IN) dA partials of one tile in order s = 0..SPLIT-1, then dgrad_epilogue."""
     pid_m = tl.program_id(0)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = m < M
-    n_ok = n < C_IN
-    mask = m_ok[:, None] & n_ok[None, :]
-    ptrs = part_ptr + m[:, None] * C_IN + n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for s in range(0, SPLIT):
-        acc += tl.load(ptrs + s * M * C_IN, mask=mask, other=0.0)
+    acc, m, n, m_ok, n_ok = _sum_splits(part_ptr, pid_m, M, C_IN, SPLIT, ACC, BLOCK_M, BLOCK_N)
     hw = H * W
     b = (m // hw).to(tl.int64)  # int64: batch offsets of big activations pass 2**31
     r = m % hw

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bionet_fast import BiOLinkNet, BiONet, create_model, from_pretrained
+from checkpoint_compare import assert_checkpointing_is_exact, step
 
 # --- an independent LinkNet (torchvision's ResNet-18 names for the encoder) -------------------
 
@@ -158,27 +159,11 @@ def test_backward_skips_change_the_output_and_get_gradients():
     assert (out - alone).abs().max() > 1e-3
 
 
-def step(model, x, y):
-    model.zero_grad(set_to_none=True)
-    loss = F.binary_cross_entropy_with_logits(model(x), y)
-    loss.backward()
-    return loss.detach()
-
-
 @pytest.mark.parametrize("kw", [dict(iterations=3), dict(iterations=3, checkpoint_segments=2, checkpoint_stages=True)],
                          ids=["t3", "segments+stages"])
 def test_checkpointing_is_exact(kw):
-    plain = BiOLinkNet(**kw).train()
-    ckpt = copy.deepcopy(plain)
-    ckpt.set_grad_checkpointing(True)
-    x = torch.randn(2, 3, 32, 32)
-    y = (torch.rand(2, 1, 32, 32) > 0.5).float()
-    for _ in range(2):  # the second step starts from updated running statistics
-        torch.testing.assert_close(step(ckpt, x, y), step(plain, x, y), rtol=1e-6, atol=0)
-    for (k, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=f"grad of {k}")
-    for (k, a), (_, b) in zip(plain.named_buffers(), ckpt.named_buffers()):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8, msg=f"buffer {k}")
+    plain = BiOLinkNet(**kw)
+    assert_checkpointing_is_exact(plain)
     assert plain.norms[1].decoders[0][0].num_batches_tracked.item() == 2  # updated once per step
 
 

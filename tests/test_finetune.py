@@ -27,16 +27,20 @@ def test_help_lists_every_fine_tuning_flag():
         assert flag in text, flag
 
 
-def test_initial_checkpoint_weights_are_the_starting_point(tmp_path):
-    source = BiONet(iterations=2, multiplier=0.125, depth=2)
+def test_initial_checkpoint_weights_are_the_starting_point(tmp_path, capsys):
+    source = BiONet(iterations=2, multiplier=0.125, depth=2)  # zero padding, as official checkpoints
     source.save_pretrained(tmp_path / "src")
     out = tmp_path / "run"
     assert train(TINY + ["--initial-checkpoint", str(tmp_path / "src"), "--lr", "0", "--out", str(out)]) == 0
+    # the synthetic recipe pads by reflection: same state dict, the run says so
+    assert "pads with zeros; this run pads with reflect" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["padding_mode"] == "reflect"
     got = _params(load_file(str(out / "model.safetensors")))
     for k, v in _params(source.state_dict()).items():
         assert torch.equal(got[k], v), k  # lr 0: the run's weights are the checkpoint's
     info = json.loads((out / "config.json").read_text())["inference"]
-    assert info["task"] == "segmentation" and info["tile_size"] == 32 and "dice" in info["metrics"]
+    # a reflect-padded model is window-invariant: large default windows (zero-padded: the crop, 32)
+    assert info["task"] == "segmentation" and info["tile_size"] == 512 and "dice" in info["metrics"]
     assert json.loads((out / "train_args.json").read_text())["initial_checkpoint"] == str(tmp_path / "src")
 
 

@@ -105,7 +105,9 @@ def test_old_run_folder_takes_task_from_train_args(tmp_path):
     (tmp_path / "train_args.json").write_text(json.dumps({"task": "super-resolution", "sr_scale": 4,
                                                            "image_size": 48, "tile_size": None}))
     _, _, task, scale, tile = load_for_inference(InferenceOptions(tmp_path, device="cpu"))
-    assert (task, scale, tile) == ("super-resolution", 4, 48)
+    assert (task, scale, tile) == ("super-resolution", 4, 48)  # zero padding: the training crop
+    (tmp_path / "train_args.json").write_text(json.dumps({"image_size": 48, "padding_mode": "reflect"}))
+    assert load_for_inference(InferenceOptions(tmp_path, device="cpu"))[4] == 512  # window-invariant
 
 
 def test_hub_repo_id_loads_from_an_offline_cache_both_ways(tmp_path):

@@ -85,3 +85,16 @@ def test_huge_learning_rate_is_stopped_before_anything_is_saved(tmp_path, capsys
     err = capsys.readouterr().err
     assert "became nan" in err and "nothing had been saved yet" in err and "Traceback" not in err
     assert not (out / "model.safetensors").exists() and not (out / "last.safetensors").exists()
+
+
+def test_a_run_older_than_padding_mode_resumes_with_zero_padding(tmp_path):
+    """train_args.json of runs before --padding-mode has no such key: they padded with zeros, and
+    a resume must not take the synthetic recipe's reflect (same state dict: it would load silently)."""
+    out = tmp_path / "run"
+    assert train(TINY + ["--epochs", "1", "--padding-mode", "zeros", "--out", str(out)]) == 0
+    args = json.loads((out / "train_args.json").read_text())
+    del args["padding_mode"]
+    (out / "train_args.json").write_text(json.dumps(args))
+    assert train(["--resume", str(out), "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["padding_mode"] == "zeros"
+    assert json.loads((out / "train_args.json").read_text())["padding_mode"] == "zeros"

@@ -1,6 +1,6 @@
 """How many CPU threads torch uses: its default (one per core) is the worst choice on a CPU that
 another job is using. Each parallel region then waits for its slowest thread, which shares a core
-with the other job. Measured on this repository's 2-core machine under heavy load (docs/sections/robustness.md): 1.2 s per training
+with the other job. Measured on this repository's 2-core machine under heavy load (README.md, "CPU threads on a shared machine"): 1.2 s per training
 step with one thread, 2.4 s with two passive threads, 67 s with two threads whose OpenMP runtime
 spins while it waits.
 

@@ -7,6 +7,7 @@ before the optimizer step, after it), so its own step stays one code path.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,9 +18,12 @@ from ..models import from_pretrained, load_official
 from ..models.config import EXECUTION_FIELDS, InferenceInfo
 from ..models.pretrained import looks_like_repo_id
 from .ema import ModelEma
+from .inference import inference_window
 
 # Fields that may differ between the checkpoint and the run: they do not change the tensors.
-_FREE = set(EXECUTION_FIELDS) | {"bn_momentum", "bn_eps"}
+# Fields a fine-tuning run may change: the weights fit either way. padding_mode too (the same state
+# dict): an official (zero-padded) checkpoint fine-tuned by the synthetic recipe pads by reflection.
+_FREE = set(EXECUTION_FIELDS) | {"bn_momentum", "bn_eps", "padding_mode"}
 
 
 def load_source(path: str) -> nn.Module:
@@ -60,6 +64,10 @@ def load_initial_weights(model: nn.Module, path: str) -> nn.Module:
                                 for d in diffs}))
         raise ValueError(f"--initial-checkpoint {path} holds another architecture than this run: "
                          f"{'; '.join(diffs)}. Pass the checkpoint's values ({fix}) to fine-tune it")
+    pads = [getattr(m.config, "padding_mode", None) for m in (source, model)]
+    if pads[0] != pads[1]:
+        print(f"note: --initial-checkpoint {path} pads with {pads[0]}; this run pads with {pads[1]} "
+              f"(--padding-mode {pads[0]} keeps the checkpoint's)", file=sys.stderr)
     device = next(model.parameters()).device
     with torch.no_grad():
         model.load_state_dict({k: v.to(device) for k, v in source.state_dict().items()})
@@ -120,5 +128,5 @@ def run_inference_info(cfg: Any, record: Optional[dict] = None, training_data: O
     metrics = {k: record[k] for k in keep if record and k in record}
     task = getattr(cfg, "task", "segmentation")
     return InferenceInfo(task=task, sr_scale=cfg.sr_scale if task == "super-resolution" else None,
-                         tile_size=getattr(cfg, "tile_size", None) or getattr(cfg, "image_size", None),
+                         tile_size=inference_window(cfg),
                          metrics=metrics, training_data=training_data)

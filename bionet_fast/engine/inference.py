@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,18 +62,38 @@ class InferenceOptions:
     tile_size: Optional[int] = None
 
 
+# The default window of reflect-padded BiO-Nets: their answer does not depend on the window
+# (issue 16, case 14: Dice within 0.02 from the 64-pixel training crop to whole 512 images), and
+# larger windows are faster (fewer overlapping borders).
+INVARIANT_WINDOW = 512
+
+
+def inference_window(cfg: Any) -> Optional[int]:
+    """The window validation, evaluate and predict use by default for a run of `cfg` (TrainConfig
+    fields): --tile-size if given; for a reflect-padded BiO-Net at least INVARIANT_WINDOW; else the
+    training crop (a zero-padded model's BatchNorm statistics hold at that window only); None:
+    whole images."""
+    tile, crop = getattr(cfg, "tile_size", None), getattr(cfg, "image_size", None)
+    if tile:
+        return tile
+    if getattr(cfg, "arch", "bionet") == "bionet" and getattr(cfg, "padding_mode", "zeros") == "reflect":
+        return max(INVARIANT_WINDOW, crop or 0)
+    return crop
+
+
 def load_for_inference(opts: InferenceOptions) -> tuple[torch.nn.Module, torch.device, str, int, int]:
     """The model of `opts.checkpoint` on `opts.device`, with task, sr_scale and tile_size defaulting
     to the checkpoint's: (model, device, task, sr_scale, tile_size). Each comes from the options,
     else config.json's "inference" block (`model.inference_info`), else train_args.json (run folders
-    older than the block), else the defaults (segmentation, x2, tile 512). The default tile is the
-    training crop size: the BatchNorm statistics were estimated at it."""
+    older than the block), else the defaults (segmentation, x2, tile 512). The saved tile is the
+    training crop for zero-padded models (their BatchNorm statistics hold at that window only) and
+    512 or more for reflect-padded BiO-Nets, whose answer does not depend on the window."""
     device = pick_device(opts.device)
     model, train_args = load_checkpoint(opts.checkpoint, device, opts.backend)
     info = getattr(model, "inference_info", None)
     saved = info.to_dict() if info is not None else {
         "task": train_args.get("task"), "sr_scale": train_args.get("sr_scale"),
-        "tile_size": train_args.get("tile_size") or train_args.get("image_size")}
+        "tile_size": inference_window(SimpleNamespace(**train_args))}
     task = opts.task or saved["task"] or "segmentation"
     scale = opts.sr_scale or saved["sr_scale"] or 2
     tile = opts.tile_size or saved["tile_size"] or 512

@@ -1,8 +1,8 @@
 """The planner's model of one training step: BiONet's forward (stem, the recurrence with its
 checkpointing, head, loss) on symbolic tensors, then its backward (engine/memory_sim.py).
 
-The iterations run the model's own `_iteration` wiring with the symbolic blocks of
-engine/memory_ops.py; the driver mirrors BiONet.forward and RecurrentModel._recurrence.
+The iterations run the models' own loop (`models.recurrence.run_iterations`) and `_iteration`
+wiring with the symbolic blocks of engine/memory_ops.py and the tape's checkpoint.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..models.recurrence import segment_ranges
+from ..models.recurrence import run_iterations, segment_ranges
 from .memory_ops import F32, FusedSim, Platform, RefSim
 from .memory_sim import Sym, Tape
 
@@ -37,27 +37,14 @@ def _head(model, ops, *outs):
     return ops.conv(ops.dense(h), model.head[2])
 
 
-def _segment(model, ops, tape, group, run_ckpt, x0, backs):
-    outs = []
-    for i in group:
-        step = lambda x, b, i=i: model._iteration(ops, i, x, b)  # noqa: E731
-        out, backs = _ckpt(tape, step, x0, backs) if run_ckpt else step(x0, backs)
-        outs.append(out)
-    return outs, backs
-
-
 def _forward(model, ops, tape: Tape, x: Sym, cfg, ck: "Checkpointing") -> Sym:
     run_ckpt, segments = ck.iters, ck.segments
     stages = run_ckpt and ck.stages
     x0 = _ckpt(tape, lambda x: model._stem(ops, x), x) if stages else model._stem(ops, x)
-    groups = segment_ranges(cfg.iterations, segments) if run_ckpt else [range(cfg.iterations)]
-    outs, backs = [], None
-    for group in groups:
-        run = lambda x, b, g=group: _segment(model, ops, tape, g, run_ckpt, x, b)  # noqa: E731
-        seg_outs, backs = _ckpt(tape, run, x0, backs) if run_ckpt and len(group) > 1 else run(x0, backs)
-        outs.extend(seg_outs)
-    outs = [o for o in outs if o is not None]
-    del x0, backs, seg_outs  # the real _recurrence returns: its locals hold nothing afterwards
+    # the models' own loop (models/recurrence.py), with the tape's checkpoint
+    outs = run_iterations(lambda i, x, b: model._iteration(ops, i, x, b), x0, cfg.iterations, segments,
+                          run_ckpt, lambda fn, *args: _ckpt(tape, fn, *args))
+    del x0
     logits = _ckpt(tape, lambda *o: _head(model, ops, *o), *outs) if stages else _head(model, ops, *outs)
     del outs
     loss = ops.loss(logits)

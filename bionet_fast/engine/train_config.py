@@ -53,7 +53,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 0.01
     lr_decay: float = 3e-5
-    precise_bn: int = 64
+    precise_bn: int = 256
     seed: int = 0
     # fine-tuning
     initial_checkpoint: Optional[str] = None

@@ -72,7 +72,7 @@ class BiONetConfig(JsonConfig):
     backend: str = "auto"
     # How the 3x3 convs pad and the UP deconvs fill their last row/column: "zeros" (the official
     # network) or "reflect" / "replicate" (borders look like image, so the deep features of a small
-    # training crop match those of a large window: docs/sections/robustness.md, window size).
+    # training crop match those of a large window: README.md, "Window size").
     padding_mode: str = "zeros"
 
     def __post_init__(self) -> None:
@@ -141,8 +141,9 @@ class InferenceInfo:
     ``task``: "segmentation" (outputs logits; sigmoid for one class, softmax for more, then
     ``threshold``) or "super-resolution" (outputs the image; the input is first upsampled bicubically
     ``sr_scale`` times). ``value_range``: the input range (images scaled to [0, 1]).
-    ``tile_size``: the training crop side (the BatchNorm statistics were estimated at it; None =
-    whole images). ``metrics``: a summary of the validation scores the trainer saw (may be empty).
+    ``tile_size``: the default inference window: the training crop side for zero-padded models
+    (their BatchNorm statistics hold at it), 512 or more for reflect-padded BiO-Nets (window-invariant);
+    None = whole images. ``metrics``: a summary of the validation scores the trainer saw (may be empty).
     ``training_data``: a description of the training images (for the model card).
     """
 

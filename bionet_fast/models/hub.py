@@ -88,7 +88,7 @@ def model_card_text(model, repo_id: Optional[str] = None) -> str:
             ("input", f"{cfg.in_channels} channels, values in {list(info.value_range)}, sides multiples "
                       f"of {getattr(model, 'size_multiple', '?')}"),
             ("output", f"{cfg.classes} channel(s), {task}"),
-            ("training tile", info.tile_size or "whole images")]
+            ("default inference window", info.tile_size or "whole images")]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     metrics = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(info.metrics.items())) or "| - | not recorded |"
     tags = "\n".join(f"  - {t}" for t in ("bionet_fast", "image-segmentation", "pytorch", "biomedical",

@@ -63,6 +63,32 @@ def segment_ranges(t: int, segments: Optional[int]) -> list[range]:
     return [range(s, min(s + size, t)) for s in range(0, t, size)]
 
 
+def run_iterations(iteration: Callable, x0: Any, t: int, segments: Optional[int], run_ckpt: bool,
+                   checkpoint_fn: Callable) -> list:
+    """The recurrence both models (and the memory planner's replay) run: iteration(i, x0, backs)
+    -> (output or None, backs) for i = 0..t-1, the backward skips of one iteration feeding the next.
+
+    run_ckpt: checkpoint every iteration with `checkpoint_fn(fn, *args)`, and every group of
+    `segment_ranges(t, segments)` with more than one iteration around them (only each group's
+    first boundary is kept through the forward). Returns the non-None outputs, in order."""
+    groups = segment_ranges(t, segments) if run_ckpt else [range(t)]
+    outs, backs = [], None
+    for group in groups:
+        run = lambda x, b, g=group: _segment(iteration, g, run_ckpt, checkpoint_fn, x, b)  # noqa: E731
+        seg_outs, backs = checkpoint_fn(run, x0, backs) if run_ckpt and len(group) > 1 else run(x0, backs)
+        outs.extend(seg_outs)
+    return [o for o in outs if o is not None]
+
+
+def _segment(iteration: Callable, group: range, run_ckpt: bool, checkpoint_fn: Callable, x0, backs):
+    outs = []
+    for i in group:
+        step = lambda x, b, i=i: iteration(i, x, b)  # noqa: E731
+        out, backs = checkpoint_fn(step, x0, backs) if run_ckpt else step(x0, backs)
+        outs.append(out)
+    return outs, backs
+
+
 class RecurrentModel(nn.Module):
     """Base of the recurrent encoder-decoders. A subclass sets `self.config` (with `iterations`,
     `classes`, `checkpoint_iters`, `checkpoint_segments`, `checkpoint_stages`) and implements
@@ -111,21 +137,9 @@ class RecurrentModel(nn.Module):
     def _recurrence(self, ops, x0) -> list:
         """Run the t iterations; returns the outputs the head needs (the non-None ones, in order)."""
         run_ckpt = self._checkpointing()
-        groups = self.segments() if run_ckpt else [range(self.config.iterations)]
-        outs, backs = [], None
-        for group in groups:
-            run = lambda x, b, g=group: self._segment(ops, g, run_ckpt, x, b)  # noqa: E731
-            seg_outs, backs = ckpt(ops, run, x0, backs) if run_ckpt and len(group) > 1 else run(x0, backs)
-            outs.extend(seg_outs)
-        return [o for o in outs if o is not None]
-
-    def _segment(self, ops, group: range, run_ckpt: bool, x0, backs):
-        outs = []
-        for i in group:
-            step = lambda x, b, i=i: self._iteration(ops, i, x, b)  # noqa: E731
-            out, backs = ckpt(ops, step, x0, backs) if run_ckpt else step(x0, backs)
-            outs.append(out)
-        return outs, backs
+        return run_iterations(lambda i, x, b: self._iteration(ops, i, x, b), x0, self.config.iterations,
+                              self.config.checkpoint_segments if run_ckpt else None, run_ckpt,
+                              lambda fn, *args: ckpt(ops, fn, *args))
 
     # --- inference and persistence ----------------------------------------------------------
     @torch.inference_mode()

@@ -25,6 +25,13 @@ AT_LEAST_0 = (lambda v: _finite(v) and v >= 0, "0 or more")
 POSITIVE = (lambda v: _finite(v) and v > 0, "a positive number")
 FRACTION = (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1), e.g. 0.25")
 MOMENTUM = (lambda v: _finite(v) and 0 < v <= 1, "in (0, 1], e.g. 0.01")
+PROBABILITY = (lambda v: _finite(v) and 0 < v < 1, "a probability in (0, 1), e.g. 0.5")
+
+
+def model_threshold(model, given=None) -> float:
+    """The mask threshold: `given` (a --threshold flag), else the model's stored one, else 0.5."""
+    info = getattr(model, "inference_info", None)
+    return given if given is not None else (info.threshold if info is not None else 0.5)
 
 
 def check_numbers(args, rules: dict) -> None:

@@ -24,7 +24,8 @@ from .utils.progress import tqdm
 
 from .engine.writers import write_outputs
 from .utils.files import write_json
-from ._cli import AT_LEAST_1, FRACTION, check_multiple, check_numbers, check_writable, inference_options
+from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, check_multiple, check_numbers, check_writable,
+                   inference_options, model_threshold)
 from .data import SegmentationDataset
 from .data.training import synthetic_heldout, uniform_sizes
 from .engine.cuda_graph import graphed_forward
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "its config.json: 512 for reflect-padded BiO-Nets, the training crop for zero-padded "
                         "ones, else 512); smaller uses less memory")
     p.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
+    p.add_argument("--threshold", type=float,
+                   help="nucleus where the probability exceeds this, for Dice/IoU and saved masks (default: "
+                        "the model's, from its config.json; 0.5)")
     p.add_argument("--save-predictions", action="store_true",
                    help="also write each predicted mask (PNG 0/255) and probability map (16-bit PNG)")
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:1 ...")
@@ -85,14 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size if uniform_sizes(ds) else 1)
     loader = tqdm(loader, desc="evaluating", unit="batch", disable=args.quiet, dynamic_ncols=True, leave=False)
     rand = task == "segmentation" and getattr(ds, "fmt", None) == "tiff-stack"
-    saver = _PredictionSaver(out / "predictions", names, task) if args.save_predictions else None
+    threshold = model_threshold(model, args.threshold)
+    saver = _PredictionSaver(out / "predictions", names, task, threshold) if args.save_predictions else None
     forward = graphed_forward(model, device, args.cuda_graph)
     prepare_model(model, precision != "fp32")
     meters, loss_sum, n, _ = evaluate_loader(model, loader, task, device, tile, args.overlap, forward=forward,
                                              rand=rand, on_batch=saver, channels_last=precision != "fp32",
-                                             autocast=autocast_context(precision, device))
+                                             autocast=autocast_context(precision, device), threshold=threshold)
     result = summarize(meters, loss_sum, n)
-    result.update(checkpoint=str(args.checkpoint), data=str(args.data), task=task, precision=precision)
+    result.update(checkpoint=str(args.checkpoint), data=str(args.data), task=task, precision=precision,
+                  **({"threshold": threshold} if task == "segmentation" else {}))
     write_json(out / "metrics.json", result)
     keys = ("psnr", "psnr_bicubic") if task == "super-resolution" else ("dice", "iou", "rand_f")
     print("  ".join(f"{k} {result[k]:.4f}" for k in keys if k in result) + f"  ({n} images)")
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-NUMBERS = dict(batch_size=AT_LEAST_1, overlap=FRACTION, tile_size=AT_LEAST_1, sr_scale=AT_LEAST_1)
+NUMBERS = dict(batch_size=AT_LEAST_1, overlap=FRACTION, tile_size=AT_LEAST_1, sr_scale=AT_LEAST_1,
+               threshold=PROBABILITY)
 
 
 def default_out(checkpoint: str, data: str) -> Path:
@@ -128,12 +135,12 @@ def _dataset(args, model, task: str, scale: int):
 class _PredictionSaver:
     """Callback of evaluate_loader writing each output under its item's name."""
 
-    def __init__(self, folder: Path, names: list[str], task: str):
-        self.folder, self.names, self.task, self.i = folder, names, task, 0
+    def __init__(self, folder: Path, names: list[str], task: str, threshold: float = 0.5):
+        self.folder, self.names, self.task, self.i, self.threshold = folder, names, task, 0, threshold
 
     def __call__(self, out: torch.Tensor, count: int) -> None:
         for k in range(count):
-            write_outputs(self.folder, self.names[self.i], out[k], self.task)
+            write_outputs(self.folder, self.names[self.i], out[k], self.task, threshold=self.threshold)
             self.i += 1
 
 

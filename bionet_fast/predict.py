@@ -9,7 +9,8 @@ folders of them. Images of any size are processed in overlapping windows, blende
 written a row of windows at a time: memory is set by the window and the image width, not the slide.
 For each image NAME writes:
   PNG / JPEG / BMP inputs:
-    NAME_mask.png   the nuclei mask, 0 = background, 255 = nucleus (probability > 0.5)
+    NAME_mask.png   the nuclei mask, 0 = background, 255 = nucleus (probability > --threshold: the
+                    model's, from its config.json, 0.5 unless set)
                     (several classes: the class index of every pixel)
     NAME_prob.png   the nucleus probability as a 16-bit grey PNG (0..65535 = 0..1), or NAME_prob.tif
                     (float32; several classes: an ImageJ hyperstack, one channel per class)
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._cli import inference_options
+from ._cli import inference_options, model_threshold
 from .data.readers import IMAGE_EXTS, TIFF_EXTS, match_channels, read_image, read_stack, to_float
 from .engine.cuda_graph import graphed_forward
 from .engine.inference import TASKS, infer, load_for_inference, window_predictor
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geojson", action="store_true", help="also write NAME.geojson (QuPath detections)")
     p.add_argument("--measurements", action="store_true", help="also write NAME_nuclei.csv")
     p.add_argument("--min-area", type=int, default=0, help="drop nuclei smaller than this many pixels")
+    p.add_argument("--threshold", type=float,
+                   help="nucleus where the probability exceeds this (default: the model's, from its config.json; 0.5)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--task", choices=TASKS, help="default: the task the checkpoint was trained for")
@@ -137,6 +140,7 @@ def validate(args: argparse.Namespace) -> None:
               ("--overlap", args.overlap, lambda v: 0 <= v < 1, "a fraction in [0, 1), e.g. 0.25"),
               ("--batch-size", args.batch_size, lambda v: v >= 1, "an integer >= 1"),
               ("--min-area", args.min_area, lambda v: v >= 0, "a pixel count >= 0"),
+              ("--threshold", args.threshold, lambda v: v is None or 0 < v < 1, "a probability in (0, 1), e.g. 0.5"),
               ("--level", args.level, lambda v: v is None or v >= 0, "a pyramid level >= 0"),
               ("--mpp", args.mpp, lambda v: v is None or v > 0, "micrometres per pixel > 0, e.g. 0.5"),
               ("--sr-scale", args.sr_scale, lambda v: v is None or v >= 1, "an integer factor >= 1")]
@@ -194,7 +198,9 @@ class _Job:
         self.predictor = window_predictor(model, task, self.autocast, self.channels_last, self.forward)
         self.stream = StreamOptions(tile, args.overlap, args.batch_size, tissue_only=args.tissue_only,
                                     progress=not args.no_progress)
-        self.outputs = OutputOptions(args.prob_format, args.instances, args.geojson, args.measurements, args.min_area)
+        self.threshold = model_threshold(model, args.threshold)
+        self.outputs = OutputOptions(args.prob_format, args.instances, args.geojson, args.measurements, args.min_area,
+                                     self.threshold)
         self.precision = precision
 
     def kind(self, path: Path) -> str:
@@ -228,7 +234,7 @@ class _Job:
             with tifffile.TiffFile(path) as tif:
                 outs = [self._infer(_as_input(p.asarray(), cfg.in_channels, path))[0].numpy() for p in tif.pages]
             print(f"note: {path} has {len(outs)} pages of different sizes; each is predicted", file=sys.stderr)
-            return write_pages(out, name, outs, file_mpp(path))
+            return write_pages(out, name, outs, file_mpp(path), self.threshold)
         pages = read_stack(path) if path.suffix.lower() in TIFF_EXTS else read_image(path)[None]
         results = []
         for page in pages:
@@ -238,7 +244,7 @@ class _Job:
             results.append(self._infer(x)[0])
         if kind == "sr" and len(results) == 1:
             return write_outputs(out, name, results[0], self.task)
-        return write_stack(out, name, torch.stack(results), self.task, file_mpp(path))
+        return write_stack(out, name, torch.stack(results), self.task, file_mpp(path), self.threshold)
 
     def _infer(self, x: torch.Tensor) -> torch.Tensor:
         return infer(self.model, x.to(self.device), self.task, self.tile, self.args.overlap,

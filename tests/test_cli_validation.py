@@ -60,7 +60,8 @@ def test_evaluate_refuses_every_bad_number(tmp_path, capsys):
     out = tmp_path / "eval"
     base = ["--checkpoint", str(ckpt), "--data", "synthetic", "--out", str(out), "--device", "cpu"]
     for flag, value in [("--batch-size", "0"), ("--overlap", "1"), ("--overlap", "-0.5"), ("--overlap", "nan"),
-                        ("--tile-size", "0"), ("--tile-size", "12"), ("--sr-scale", "0"), ("--batch-size", "x")]:
+                        ("--tile-size", "0"), ("--tile-size", "12"), ("--sr-scale", "0"), ("--batch-size", "x"),
+                        ("--threshold", "1"), ("--threshold", "0"), ("--threshold", "nan")]:
         _refused(capsys, evaluate, base + [flag, value], flag)
     assert not out.exists()  # no empty output folder left behind
 

@@ -69,7 +69,8 @@ def test_two_inputs_with_one_name_get_two_outputs(tmp_path, ckpt, capsys):
 @pytest.mark.parametrize("flag,value", [("--tile-size", "0"), ("--tile-size", "-8"), ("--tile-size", "4"),
                                         ("--overlap", "1"), ("--overlap", "-0.1"), ("--batch-size", "0"),
                                         ("--min-area", "-1"), ("--level", "-1"), ("--mpp", "0"),
-                                        ("--sr-scale", "0")])
+                                        ("--sr-scale", "0"), ("--threshold", "0"), ("--threshold", "1"),
+                                        ("--threshold", "nan")])
 def test_bad_numbers_are_named_errors_before_any_work(tmp_path, ckpt, capsys, flag, value):
     Image.fromarray(_img(0)).save(tmp_path / "x.png")
     out = tmp_path / "out"
@@ -174,3 +175,38 @@ def test_evaluate_takes_precision(tmp_path, ckpt):
         scores[precision] = json.loads((ev / "metrics.json").read_text())
         assert scores[precision]["precision"] == precision
     assert abs(scores["fp32"]["loss"] - scores["bf16"]["loss"]) < 0.01
+
+
+def test_masks_use_the_models_stored_threshold_unless_given(tmp_path, ckpt):
+    """config.json's "inference" threshold decides the mask of predict (PNG and tiled TIFF paths,
+    instances) and evaluate's Dice; --threshold overrides it. (The tiny random model's probabilities
+    lie near 0.49: the thresholds are quantiles of its own output, so each one splits the pixels.)"""
+    from bionet_fast.evaluate import main as evaluate
+    from bionet_fast.models.config import InferenceInfo
+
+    model = BiONet.from_pretrained(ckpt)
+    Image.fromarray(_img(5, 64, 64)).save(tmp_path / "x.png")
+    tifffile.imwrite(tmp_path / "s.tif", _img(6, 64, 80), photometric="rgb", tile=(32, 32))
+    assert predict(_args(ckpt, tmp_path / "probe", tmp_path / "x.png")) == 0
+    probe = np.asarray(Image.open(tmp_path / "probe" / "x_prob.png")).astype(np.float64) / 65535
+    low, high = (round(float(np.quantile(probe, q)), 5) for q in (0.3, 0.7))
+    for label, stored, flag in (("stored", low, ()), ("flag", low, ("--threshold", high))):
+        folder = tmp_path / f"model-{label}"
+        model.inference_info = InferenceInfo(threshold=stored)
+        model.save_pretrained(folder)
+        out = tmp_path / f"out-{label}"
+        assert predict(_args(folder, out, tmp_path / "x.png", tmp_path / "s.tif", "--instances", *flag)) == 0
+        want = high if flag else stored
+        prob = np.asarray(Image.open(out / "x_prob.png")).astype(np.float64) / 65535
+        for mask, p in ((np.asarray(Image.open(out / "x_mask.png")), prob),
+                        (tifffile.imread(out / "s_mask.tif"), tifffile.imread(out / "s_prob.tif") / 65535)):
+            assert 0.05 < (p > want).mean() < 0.95 and 0.05 < (p > 0.5).mean() < 0.95 or (p > 0.5).mean() < 0.05
+            assert (mask == 255).mean() != (p > 0.5).mean()  # not the default threshold
+            near = np.abs(p - want) < 1e-4  # uint16 rounding of the saved probabilities
+            assert np.array_equal((mask == 255)[~near], (p > want)[~near]), label
+        labelled, mask = tifffile.imread(out / "s_labels.tif") > 0, tifffile.imread(out / "s_mask.tif") == 255
+        assert labelled[mask].all()  # every mask pixel is in a nucleus (labels also fill holes)
+        ev = tmp_path / f"eval-{label}"
+        assert evaluate(["--checkpoint", str(folder), "--data", "synthetic", "--out", str(ev), "--device", "cpu",
+                         "--tile-size", "64", "--quiet", *map(str, flag)]) == 0
+        assert json.loads((ev / "metrics.json").read_text())["threshold"] == want

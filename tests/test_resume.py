@@ -3,6 +3,7 @@ with exit code 3 and leaves the last good checkpoint intact."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -32,10 +33,13 @@ def _state_tensors(out: Path) -> dict:
     return load_file(str(out / meta["tensors"]))
 
 
-def test_resume_after_an_epoch_equals_straight_run(tmp_path):
+@pytest.mark.parametrize("accum", [1, 2], ids=["plain", "accum2"])
+def test_resume_after_an_epoch_equals_straight_run(tmp_path, accum):
+    """accum 2 with 3 steps per epoch: the epoch ends mid-cycle, its gradients are saved and restored."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert train(TINY + ["--epochs", "2", "--out", str(straight)]) == 0
-    assert train(TINY + ["--epochs", "1", "--out", str(resumed)]) == 0
+    tiny = TINY + ["--grad-accum-steps", str(accum)]
+    assert train(tiny + ["--epochs", "2", "--out", str(straight)]) == 0
+    assert train(tiny + ["--epochs", "1", "--out", str(resumed)]) == 0
     assert train(["--resume", str(resumed), "--epochs", "2", "--quiet"]) == 0
     for name in ("last.safetensors", "model.safetensors"):
         _same_weights(straight / name, resumed / name)
@@ -47,11 +51,14 @@ def test_resume_after_an_epoch_equals_straight_run(tmp_path):
     _same_weights(straight / "last.safetensors", resumed / "last.safetensors")
 
 
-def test_kill_mid_epoch_loses_only_the_steps_since_the_last_save(tmp_path):
+@pytest.mark.parametrize("accum", [1, 3], ids=["plain", "accum3"])
+def test_kill_mid_epoch_loses_only_the_steps_since_the_last_save(tmp_path, accum):
+    """accum 3: the save at global step 4 is one batch into a cycle (its gradient is saved)."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert train(TINY + ["--epochs", "2", "--out", str(straight)]) == 0
+    tiny = TINY + ["--grad-accum-steps", str(accum)]
+    assert train(tiny + ["--epochs", "2", "--out", str(straight)]) == 0
     # save every 2 steps, "killed" at global step 5 (epoch 2, step 2): the save at step 4 survives
-    rc = train(TINY + ["--epochs", "2", "--out", str(killed), "--save-every-steps", "2",
+    rc = train(tiny + ["--epochs", "2", "--out", str(killed), "--save-every-steps", "2",
                        "--debug-exit-at-step", "5"])
     assert rc == 130
     state = json.loads((killed / "training_state.json").read_text())["progress"]

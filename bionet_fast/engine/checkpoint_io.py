@@ -17,10 +17,9 @@ Nothing is pickled: tensors go to safetensors, everything else to JSON.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -145,14 +144,16 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 # --- the training state ---------------------------------------------------------------------------
 def save_training_state(out: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler, scaler, progress: dict) -> Path:
+                        scheduler, scaler, progress: dict, grads: Optional[dict] = None) -> Path:
     """Write training_state.<step>.safetensors, then training_state.json pointing at it, then
     remove older tensor files. `progress`: JSON-able {"epoch", "step_in_epoch", "global_step",
-    "best", ...}; `epoch` counts completed epochs."""
+    "best", ...}; `epoch` counts completed epochs. `grads`: {parameter name: gradient} summed so far
+    in an unfinished --grad-accum-steps cycle (restored by load_training_state)."""
     out = Path(out)
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
     rng_tensors, rng_meta = rng_state()
-    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors, **rng_tensors}
+    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors, **rng_tensors,
+               **{f"grad.{k}": v for k, v in (grads or {}).items()}}
     name = f"training_state.{progress['global_step']}.safetensors"
     save_tensors(out / name, tensors, {"format": "pt", "library": "bionet_fast"})
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
@@ -221,6 +222,9 @@ def load_training_state(out: str | Path, model: torch.nn.Module, optimizer: torc
         raise FileNotFoundError(f"{tensor_path} (named by {path}) is missing; the run folder is incomplete")
     tensors = read_safetensors(tensor_path, "the training state's tensors")
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    for name, param in model.named_parameters():  # an unfinished accumulation cycle's gradients
+        if f"grad.{name}" in tensors:
+            param.grad = tensors[f"grad.{name}"].to(param.device, param.dtype)
     optimizer.load_state_dict(_join_optimizer(tensors, meta["optimizer"]))  # moves to the params' device
     scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
     if scaler is not None and meta.get("scaler"):

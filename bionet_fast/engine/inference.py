@@ -144,10 +144,10 @@ def infer(model: torch.nn.Module, images: torch.Tensor, task: str = "segmentatio
     return out.clamp_(0, 1) if task == "super-resolution" else out
 
 
-def make_meter(task: str, classes: int, rand: bool):
+def make_meter(task: str, classes: int, rand: bool, threshold: float = 0.5):
     if task == "super-resolution":
         return PSNRMeter()
-    return RandMeter() if rand else SegmentationMeter(classes)
+    return RandMeter() if rand else SegmentationMeter(classes, threshold)
 
 
 def val_loss(out: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
@@ -164,13 +164,14 @@ def val_loss(out: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor
 def evaluate_loader(model: torch.nn.Module, loader, task: str, device: torch.device, tile_size: int,
                     overlap: float = 0.25, rand: bool = False, keep: int = 0,
                     autocast: Optional[Callable] = None, on_batch: Optional[Callable] = None,
-                    forward: Optional[Callable] = None, channels_last: bool = False):
+                    forward: Optional[Callable] = None, channels_last: bool = False, threshold: float = 0.5):
     """Run the model over a loader of (image, target) batches. Returns (meters, loss_sum, n_images,
     kept) where meters = [main meter] (+ a SegmentationMeter beside a RandMeter) and kept holds
-    the first `keep` (image, target, output) triples on the CPU for plots."""
-    meters = [make_meter(task, model.config.classes, rand)]
+    the first `keep` (image, target, output) triples on the CPU for plots. Dice and IoU count the
+    pixels whose probability exceeds `threshold` (one class)."""
+    meters = [make_meter(task, model.config.classes, rand, threshold)]
     if rand:
-        meters.append(SegmentationMeter(model.config.classes))
+        meters.append(SegmentationMeter(model.config.classes, threshold))
     loss_sum, n, kept = 0.0, 0, []
     for images, targets in loader:
         images, targets = images.to(device), targets.to(device)

@@ -1,8 +1,8 @@
 """Nucleus instances from streamed probability rows: label image, QuPath GeoJSON, measurements.
 
 `InstanceWriter.put(probs)` takes (K, n, W) row bands top to bottom (as `predict_rows` yields
-them). Objects are 4-connected components of the mask (p > 0.5; several classes: argmax > 0),
-holes filled, smaller than `min_area` dropped. An object is finished when it does not reach the
+them). Objects are 4-connected components of the mask (p > threshold: the model's, 0.5 unless set;
+several classes: argmax > 0), holes filled, smaller than `min_area` dropped. An object is finished when it does not reach the
 last buffered row; rows above the highest unfinished object are final and written out, the rest
 is carried into the next band. So a nucleus cut by a window or row border is ONE object, labelled
 and traced whole, while memory holds one band plus the carried rows (capped at `max_carry` rows:
@@ -105,8 +105,9 @@ class InstanceWriter:
 
     def __init__(self, folder: Path, name: str, shape: tuple[int, int], labels: bool = True,
                  geojson: bool = False, measurements: bool = False, min_area: int = 0,
-                 mpp: Optional[float] = None, max_carry: int = 4096):
+                 mpp: Optional[float] = None, max_carry: int = 4096, threshold: float = 0.5):
         self.nd = _ndimage()
+        self.threshold = threshold
         self.h, self.w = shape
         self.min_area, self.mpp, self.max_carry = min_area, mpp, max_carry
         self.labels = TiledTiffWriter(folder / f"{name}_labels.tif", shape, np.uint32, mpp) if labels else None
@@ -124,7 +125,7 @@ class InstanceWriter:
 
     def put(self, probs: np.ndarray) -> None:
         """probs (K, n, W): the next n rows of probabilities."""
-        fg = probs[0] > 0.5 if probs.shape[0] == 1 else probs.argmax(0) > 0
+        fg = probs[0] > self.threshold if probs.shape[0] == 1 else probs.argmax(0) > 0
         p = probs[0] if probs.shape[0] == 1 else 1 - probs[0]
         self.mask = np.concatenate([self.mask, fg])
         self.prob = np.concatenate([self.prob, p.astype(np.float32)])

@@ -176,9 +176,17 @@ class Trainer:
                 b.copy_(new[n])
         return old
 
-    def save(self, best: bool = False, buffers: dict | None = None) -> None:
-        """Save the state (with `buffers` as the BatchNorm statistics, if given); a state holding a
-        NaN/inf is never written (Diverged)."""
+    def _accumulated(self) -> dict[str, torch.Tensor]:
+        """The gradients summed so far in an unfinished --grad-accum-steps cycle: what a resume at
+        the current global step needs ({} at the start of a cycle)."""
+        if self.finetune.starts_cycle(self.progress["global_step"]):
+            return {}
+        return {n: q.grad.detach().clone() for n, q in self.model.named_parameters() if q.grad is not None}
+
+    def save(self, best: bool = False, buffers: dict | None = None, grads: dict | None = None) -> None:
+        """Save the state (with `buffers` as the BatchNorm statistics and `grads` as the accumulated
+        gradients, if given; else the current ones); a state holding a NaN/inf is never written
+        (Diverged)."""
         if not self.main:
             return
         current = self._swap_buffers(buffers) if buffers is not None else None
@@ -192,7 +200,8 @@ class Trainer:
                 best_model.save_pretrained(self.out)
             if self.finetune.ema is not None:
                 self.finetune.ema.save(self.out)
-            tio.save_training_state(self.out, self.model, self.opt, self.sched, self.scaler, self.progress)
+            tio.save_training_state(self.out, self.model, self.opt, self.sched, self.scaler, self.progress,
+                                    self._accumulated() if grads is None else grads)
         finally:
             if current is not None:
                 self._swap_buffers(current)
@@ -219,6 +228,7 @@ class Trainer:
         # running statistics, so the saved ones are those from before it.
         pending = self.main and self.pending_save and not self._graphing()
         before = self._buffers() if pending else None
+        grads_before = self._accumulated() if pending else None  # this step's backward adds to them
         # --cuda-graph: the whole step replayed (None: this batch runs eagerly below). Its loss is
         # checked after its update, still before any save (engine/cuda_graph.py).
         graphed = self.graph.step(x, y) if self.graph is not None and not poison else None
@@ -241,7 +251,7 @@ class Trainer:
             if not self.scaler.is_enabled():  # float16's scaler skips steps with inf gradients itself
                 check_grads(self.model, where)
         if pending:  # after the backward: it needs the statistics buffers as they were in the forward
-            self.save(buffers=before)
+            self.save(buffers=before, grads=grads_before)
         self.pending_save = False
         stepping = graphed is not None or self.finetune.ends_cycle(p["global_step"])
         if graphed is None and stepping:

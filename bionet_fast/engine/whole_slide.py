@@ -34,6 +34,7 @@ class OutputOptions:
     geojson: bool = False
     measurements: bool = False
     min_area: int = 0
+    threshold: float = 0.5  # nucleus where p > threshold (one class)
 
     @property
     def any_instances(self) -> bool:
@@ -94,14 +95,14 @@ class _Sinks:
         self.instances = None
         if opts.any_instances:
             self.instances = InstanceWriter(folder, name, shape, opts.instances, opts.geojson, opts.measurements,
-                                            opts.min_area, mpp)
+                                            opts.min_area, mpp, threshold=opts.threshold)
 
     def put(self, y: int, x: int, block: np.ndarray) -> None:
         """block (K, n, m): the finished output at rows y.., columns x.."""
         if self.tiled:
             prob = block if self.dtype == np.float32 else _to_uint16(block)
             self.writers[0].put_block(y, x, prob[0] if self.classes == 1 else np.moveaxis(prob, 0, -1))
-            self.writers[1].put_block(y, x, mask_of(block))
+            self.writers[1].put_block(y, x, mask_of(block, threshold=self.opts.threshold))
         if self.instances is None and self.tiled:
             return
         if y != self.band_y:
@@ -127,7 +128,7 @@ class _Sinks:
             paths[0] = final
         if not self.tiled:
             paths = write_outputs(self.folder, self.name, np.concatenate(self.bands, axis=1), "segmentation",
-                                  self.opts.prob_format, self.mpp)
+                                  self.opts.prob_format, self.mpp, self.opts.threshold)
         if self.instances is not None:
             paths += self.instances.close()
         return paths

@@ -57,15 +57,16 @@ def _png(path: Path, array: np.ndarray, mpp: Optional[float]) -> Path:
     return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", **extra))
 
 
-def mask_of(probs: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Probabilities (..., K, ...) -> uint8 mask: 0/255 at p > 0.5 (one class), else the argmax."""
+def mask_of(probs: np.ndarray, axis: int = 0, threshold: float = 0.5) -> np.ndarray:
+    """Probabilities (..., K, ...) -> uint8 mask: 0/255 at p > threshold (one class; the model's
+    stored threshold, 0.5 unless set), else the argmax."""
     if probs.shape[axis] == 1:
-        return (np.take(probs, 0, axis=axis) > 0.5).astype(np.uint8) * 255
+        return (np.take(probs, 0, axis=axis) > threshold).astype(np.uint8) * 255
     return probs.argmax(axis).astype(np.uint8)
 
 
 def write_outputs(folder: str | Path, name: str, out: torch.Tensor | np.ndarray, task: str = "segmentation",
-                  prob_format: str = "png", mpp: Optional[float] = None) -> list[Path]:
+                  prob_format: str = "png", mpp: Optional[float] = None, threshold: float = 0.5) -> list[Path]:
     """Write one output (K, H, W): segmentation -> NAME_mask.png + NAME_prob.png (16-bit grey, one
     class) or NAME_prob.tif (float32; several classes: ImageJ hyperstack CYX); super-resolution ->
     NAME_sr.png. Returns the paths written."""
@@ -74,7 +75,7 @@ def write_outputs(folder: str | Path, name: str, out: torch.Tensor | np.ndarray,
     if task == "super-resolution":
         rgb = np.rint(np.clip(a, 0, 1) * 255).astype(np.uint8)
         return [_png(folder / f"{name}_sr.png", rgb[0] if rgb.shape[0] == 1 else np.moveaxis(rgb, 0, -1), mpp)]
-    paths = [_png(folder / f"{name}_mask.png", mask_of(a), mpp)]
+    paths = [_png(folder / f"{name}_mask.png", mask_of(a, threshold=threshold), mpp)]
     if prob_format == "png" and a.shape[0] == 1:
         paths.append(_png(folder / f"{name}_prob.png", np.rint(np.clip(a[0], 0, 1) * 65535).astype(np.uint16), mpp))
     else:
@@ -82,7 +83,8 @@ def write_outputs(folder: str | Path, name: str, out: torch.Tensor | np.ndarray,
     return paths
 
 
-def write_stack(folder: Path, name: str, outs: torch.Tensor, task: str, mpp: Optional[float] = None) -> list[Path]:
+def write_stack(folder: Path, name: str, outs: torch.Tensor, task: str, mpp: Optional[float] = None,
+                threshold: float = 0.5) -> list[Path]:
     """(N, K, H, W) of a TIFF stack -> NAME_mask.tif (N grey pages, axes ZYX) and NAME_prob.tif
     (axes ZCYX: N slices of K channels), or NAME_sr.tif."""
     folder = Path(folder)
@@ -92,11 +94,12 @@ def write_stack(folder: Path, name: str, outs: torch.Tensor, task: str, mpp: Opt
         if sr.shape[1] == 1:
             return [imwrite_imagej(folder / f"{name}_sr.tif", sr[:, 0], "ZYX", mpp)]
         return [imwrite_imagej(folder / f"{name}_sr.tif", sr, "ZCYX", mpp)]
-    return [imwrite_imagej(folder / f"{name}_mask.tif", mask_of(a, axis=1), "ZYX", mpp),
+    return [imwrite_imagej(folder / f"{name}_mask.tif", mask_of(a, axis=1, threshold=threshold), "ZYX", mpp),
             imwrite_imagej(folder / f"{name}_prob.tif", a.astype(np.float32), "ZCYX", mpp)]
 
 
-def write_pages(folder: Path, name: str, outs: Sequence[np.ndarray], mpp: Optional[float] = None) -> list[Path]:
+def write_pages(folder: Path, name: str, outs: Sequence[np.ndarray], mpp: Optional[float] = None,
+                threshold: float = 0.5) -> list[Path]:
     """Outputs (K, H_i, W_i) of the pages of a TIFF whose pages differ in size: one grey page per
     input page (mask) and K grey pages per input page (probabilities), in page order."""
     def pages(path: Path, arrays: list[np.ndarray]) -> Path:
@@ -106,7 +109,7 @@ def write_pages(folder: Path, name: str, outs: Sequence[np.ndarray], mpp: Option
                     tw.write(arr, photometric="minisblack", contiguous=False, **tiff_resolution(mpp))
         return atomic_write(path, write)
 
-    masks = [mask_of(np.asarray(o, np.float32)) for o in outs]
+    masks = [mask_of(np.asarray(o, np.float32), threshold=threshold) for o in outs]
     probs = [page.astype(np.float32) for o in outs for page in o]
     return [pages(Path(folder) / f"{name}_mask.tif", masks), pages(Path(folder) / f"{name}_prob.tif", probs)]
 

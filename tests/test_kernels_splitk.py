@@ -20,7 +20,7 @@ from bionet_fast.kernels import _bwd_utils, conv_fwd, splitk  # noqa: E402
 from bionet_fast.kernels.conv_bwd import conv3x3_dgrad  # noqa: E402
 from bionet_fast.kernels.conv_fwd import conv3x3_fwd, conv3x3_fwd_reference  # noqa: E402
 from test_kernels_bwd import TOL, assert_close, make_case, run_wgrad  # noqa: E402
-from test_kernels_fwd import RTOL, _case, _close  # noqa: E402
+from test_kernels_fwd import RTOL, _case, _close, _m2_scale, _magnitude  # noqa: E402
 
 CUDA = torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1"
 DEV = "cuda" if CUDA else "cpu"
@@ -39,9 +39,11 @@ def _fwd_split_vs_unsplit(args, dtype, split, rtol=None):
     x1, weight, bias, x2, aff = args
     ref = conv3x3_fwd_reference(x1, weight, bias, x2, **aff)
     runs = {s: conv3x3_fwd(x1, weight, bias, x2, **aff, split_k=s) for s in (1, split)}
+    mag = _magnitude(x1, weight, bias, x2, aff)
     for s, out in runs.items():
         for got, want, name in zip(out, ref, ("y", "mean", "m2")):
-            _close(got, want, rtol or RTOL[dtype], f"split_k={s} {name}")
+            bar = _m2_scale(*ref, mag) if name == "m2" else mag
+            _close(got, want, rtol or RTOL[dtype], f"split_k={s} {name}", bar)
     _same_bits(runs[split], conv3x3_fwd(x1, weight, bias, x2, **aff, split_k=split), "conv3x3_fwd")
 
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._cli import inference_options, model_threshold
+from ._cli import AT_LEAST_1, FRACTION, PROBABILITY, check_numbers, inference_options, model_threshold
 from .data.readers import IMAGE_EXTS, TIFF_EXTS, match_channels, read_image, read_stack, to_float
 from .engine.cuda_graph import graphed_forward
 from .engine.inference import TASKS, infer, load_for_inference, window_predictor
@@ -134,19 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Every numeric option, checked before any work by _cli.check_numbers (the message names the flag).
+NUMBERS = dict(tile_size=(lambda v: v >= 1, "a window side >= 1, e.g. 512"), overlap=FRACTION,
+               batch_size=AT_LEAST_1, min_area=(lambda v: v >= 0, "a pixel count >= 0"),
+               level=(lambda v: v >= 0, "a pyramid level >= 0"),
+               mpp=(lambda v: v > 0, "micrometres per pixel > 0, e.g. 0.5"),
+               sr_scale=(lambda v: v >= 1, "an integer factor >= 1"), threshold=PROBABILITY)
+
+
 def validate(args: argparse.Namespace) -> None:
     """Every numeric argument checked before any work: a ValueError naming the flag and the fix."""
-    checks = [("--tile-size", args.tile_size, lambda v: v is None or v >= 1, "a window side >= 1, e.g. 512"),
-              ("--overlap", args.overlap, lambda v: 0 <= v < 1, "a fraction in [0, 1), e.g. 0.25"),
-              ("--batch-size", args.batch_size, lambda v: v >= 1, "an integer >= 1"),
-              ("--min-area", args.min_area, lambda v: v >= 0, "a pixel count >= 0"),
-              ("--threshold", args.threshold, lambda v: v is None or 0 < v < 1, "a probability in (0, 1), e.g. 0.5"),
-              ("--level", args.level, lambda v: v is None or v >= 0, "a pyramid level >= 0"),
-              ("--mpp", args.mpp, lambda v: v is None or v > 0, "micrometres per pixel > 0, e.g. 0.5"),
-              ("--sr-scale", args.sr_scale, lambda v: v is None or v >= 1, "an integer factor >= 1")]
-    for flag, value, ok, fix in checks:
-        if not ok(value):
-            raise ValueError(f"{flag} {value}: use {fix}")
+    check_numbers(args, NUMBERS)
     if args.level is not None and args.mpp is not None:
         raise ValueError("--level and --mpp both given: pick the level by one of them")
 

@@ -20,7 +20,7 @@ import torch
 from .instances import InstanceWriter
 from .slide import ArrayReader
 from .streaming import StreamOptions, predict_blocks, tissue_mask
-from .writers import TiledTiffWriter, mask_of, split_channels, write_outputs
+from .writers import TiledTiffWriter, mask_of, prob_to_uint16, split_channels, write_outputs
 
 __all__ = ["OutputOptions", "expected_outputs", "predict_image"]
 
@@ -100,7 +100,7 @@ class _Sinks:
     def put(self, y: int, x: int, block: np.ndarray) -> None:
         """block (K, n, m): the finished output at rows y.., columns x.."""
         if self.tiled:
-            prob = block if self.dtype == np.float32 else _to_uint16(block)
+            prob = block if self.dtype == np.float32 else prob_to_uint16(block)
             self.writers[0].put_block(y, x, prob[0] if self.classes == 1 else np.moveaxis(prob, 0, -1))
             self.writers[1].put_block(y, x, mask_of(block, threshold=self.opts.threshold))
         if self.instances is None and self.tiled:
@@ -138,10 +138,3 @@ class _Sinks:
             w.abort()
         if self.instances is not None:
             self.instances.abort()
-
-
-def _to_uint16(rows: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] -> 0..65535, rounded (one float temporary, not three)."""
-    tmp = np.clip(rows, 0, 1)
-    np.multiply(tmp, 65535, out=tmp)
-    return np.rint(tmp, out=tmp).astype(np.uint16)

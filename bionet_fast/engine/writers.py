@@ -57,6 +57,13 @@ def _png(path: Path, array: np.ndarray, mpp: Optional[float]) -> Path:
     return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", **extra))
 
 
+def prob_to_uint16(probs: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] -> 0..65535, rounded (one float temporary, not three)."""
+    tmp = np.clip(probs, 0, 1)
+    np.multiply(tmp, 65535, out=tmp)
+    return np.rint(tmp, out=tmp).astype(np.uint16)
+
+
 def mask_of(probs: np.ndarray, axis: int = 0, threshold: float = 0.5) -> np.ndarray:
     """Probabilities (..., K, ...) -> uint8 mask: 0/255 at p > threshold (one class; the model's
     stored threshold, 0.5 unless set), else the argmax."""
@@ -77,7 +84,7 @@ def write_outputs(folder: str | Path, name: str, out: torch.Tensor | np.ndarray,
         return [_png(folder / f"{name}_sr.png", rgb[0] if rgb.shape[0] == 1 else np.moveaxis(rgb, 0, -1), mpp)]
     paths = [_png(folder / f"{name}_mask.png", mask_of(a, threshold=threshold), mpp)]
     if prob_format == "png" and a.shape[0] == 1:
-        paths.append(_png(folder / f"{name}_prob.png", np.rint(np.clip(a[0], 0, 1) * 65535).astype(np.uint16), mpp))
+        paths.append(_png(folder / f"{name}_prob.png", prob_to_uint16(a[0]), mpp))
     else:
         paths.append(imwrite_imagej(folder / f"{name}_prob.tif", a.astype(np.float32), "CYX", mpp))
     return paths

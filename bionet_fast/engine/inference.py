@@ -2,7 +2,6 @@
 inference, tiled and blended prediction, validation losses and meters."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from types import SimpleNamespace
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from ..metrics import PSNRMeter, RandMeter, SegmentationMeter
 from ..models import from_pretrained, load_official
 from ..models.pretrained import looks_like_repo_id
+from .checkpoint_io import ARGS_JSON, read_json
 from .tiling import sliding_window_inference
 
 TASKS = ("segmentation", "super-resolution")
@@ -38,11 +38,8 @@ def load_checkpoint(path: str | Path, device: torch.device, backend: str = "auto
         model, args = load_official(path, backend=backend), {}
     elif path.is_dir() or looks_like_repo_id(text):
         model = from_pretrained(text, backend=backend)
-        args_file = path / "train_args.json"
-        try:
-            args = json.loads(args_file.read_text()) if args_file.is_file() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{args_file} is corrupt or truncated ({err}); it cannot be read") from None
+        args_file = path / ARGS_JSON
+        args = read_json(args_file, "the run's options") if args_file.is_file() else {}
     else:
         raise FileNotFoundError(f"checkpoint {path} not found: pass the --out folder of a training run "
                                 "(it holds config.json and model.safetensors), a Hub repo id (org/name) "

@@ -8,32 +8,27 @@ before the optimizer step, after it), so its own step stays one code path.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from ..models import from_pretrained, load_official
 from ..models.config import EXECUTION_FIELDS, InferenceInfo
-from ..models.pretrained import looks_like_repo_id
 from .ema import ModelEma
-from .inference import inference_window
+from .inference import inference_window, load_model
 
 # Fields that may differ between the checkpoint and the run: they do not change the tensors.
-# Fields a fine-tuning run may change: the weights fit either way. padding_mode too (the same state
-# dict): an official (zero-padded) checkpoint fine-tuned by the synthetic recipe pads by reflection.
+# padding_mode is one (the same state dict): an official, zero-padded checkpoint fine-tuned by the
+# synthetic recipe pads by reflection (load_initial_weights says so).
 _FREE = set(EXECUTION_FIELDS) | {"bn_momentum", "bn_eps", "padding_mode"}
 
 
 def load_source(path: str) -> nn.Module:
     """The model of --initial-checkpoint: a run folder or save_pretrained folder (any architecture),
     a Hub repo id, or an official port checkpoint (.pt / .pth, through load_official)."""
-    p = Path(path)
-    if p.is_file() and p.suffix in (".pt", ".pth"):
-        return load_official(p, backend="reference")
-    if p.is_dir() or looks_like_repo_id(path):
-        return from_pretrained(path, backend="reference")
+    model = load_model(path, backend="reference")
+    if model is not None:
+        return model
     raise FileNotFoundError(f"--initial-checkpoint {path}: not found; pass a training run's --out folder, a "
                             "save_pretrained folder, a Hub repo id (org/name) or an official .pt file")
 

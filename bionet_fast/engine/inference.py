@@ -33,18 +33,25 @@ def load_checkpoint(path: str | Path, device: torch.device, backend: str = "auto
     written by save_pretrained, a Hugging Face Hub repo id ("org/name"), or an official port
     checkpoint (.pt). Returns the model in eval mode on `device` and the run's training options
     (train_args.json; {} when absent)."""
-    text, path = str(path), Path(path)
-    if path.is_file() and path.suffix in (".pt", ".pth"):
-        model, args = load_official(path, backend=backend), {}
-    elif path.is_dir() or looks_like_repo_id(text):
-        model = from_pretrained(text, backend=backend)
-        args_file = path / ARGS_JSON
-        args = read_json(args_file, "the run's options") if args_file.is_file() else {}
-    else:
+    model = load_model(path, backend)
+    if model is None:
         raise FileNotFoundError(f"checkpoint {path} not found: pass the --out folder of a training run "
                                 "(it holds config.json and model.safetensors), a Hub repo id (org/name) "
                                 "or an official .pt file")
+    args_file = Path(path) / ARGS_JSON
+    args = read_json(args_file, "the run's options") if args_file.is_file() else {}
     return model.to(device).eval(), args
+
+
+def load_model(path: str | Path, backend: str = "auto") -> Optional[torch.nn.Module]:
+    """The model of an official port checkpoint (.pt / .pth), a save_pretrained or run folder, or a
+    Hub repo id; None when `path` is none of these."""
+    text, p = str(path), Path(path)
+    if p.is_file() and p.suffix in (".pt", ".pth"):
+        return load_official(p, backend=backend)
+    if p.is_dir() or looks_like_repo_id(text):
+        return from_pretrained(text, backend=backend)
+    return None
 
 
 @dataclass

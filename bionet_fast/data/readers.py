@@ -87,14 +87,16 @@ def binarize(mask: np.ndarray, lossy: bool = False) -> np.ndarray:
     return (mask > thresh).any(-1).astype(np.uint8)
 
 
-def to_float(img: np.ndarray) -> np.ndarray:
+def to_float(img: np.ndarray, maximum: Optional[float] = None) -> np.ndarray:
     """Scale to float32 in [0, 1]: uint8 / 255, uint16 / 65535, bool as is, other integer types
-    by the image maximum; float images are clipped, or divided by their maximum if it exceeds 1."""
+    by the image maximum; float images are clipped, or divided by their maximum if it exceeds 1.
+    `maximum`: the whole image's maximum when `img` is a part of it (a streamed band)."""
     if img.dtype == np.uint8 or img.dtype == np.uint16:
         return img.astype(np.float32) / np.float32(np.iinfo(img.dtype).max)
     out = np.nan_to_num(img.astype(np.float32))
-    if img.dtype != np.bool_ and (np.issubdtype(img.dtype, np.integer) or out.max(initial=0) > 1):
-        out /= max(float(out.max(initial=0)), 1e-12)
+    top = float(out.max(initial=0)) if maximum is None else maximum
+    if img.dtype != np.bool_ and (np.issubdtype(img.dtype, np.integer) or top > 1):
+        out /= max(top, 1e-12)
     return np.clip(out, 0.0, 1.0)
 
 

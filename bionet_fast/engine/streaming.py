@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from ..data.readers import match_channels
+from ..data.readers import match_channels, to_float
 from .tiling import importance_map, pad_to, window_grid, window_starts
 
 __all__ = ["StreamOptions", "predict_blocks", "predict_rows", "tissue_mask", "count_windows"]
@@ -45,24 +45,14 @@ class StreamOptions:
 
 
 def _float_scale(reader) -> Optional[float]:
-    """None for uint8/uint16 (fixed scale, as `to_float`), else the image maximum (one streaming
-    pass), so a band is scaled exactly as the whole image would be."""
+    """None for uint8/uint16/bool (fixed scale in `data.readers.to_float`), else the image maximum
+    (one streaming pass), so a band is scaled exactly as the whole image would be."""
     if reader.dtype in (np.uint8, np.uint16) or reader.dtype == np.bool_:
         return None
     h, w = reader.shape[:2]
     step = 1024  # blocks, not whole rows: memory does not grow with the width
     return max(float(np.nan_to_num(reader.read(y, x, min(step, h - y), min(step, w - x)).astype(np.float32))
                      .max(initial=0)) for y in range(0, h, step) for x in range(0, w, step))
-
-
-def _to_float(band: np.ndarray, gmax: Optional[float]) -> np.ndarray:
-    """(n, W, C) stored values -> float32 in [0, 1], as `data.readers.to_float` on the whole image."""
-    if band.dtype in (np.uint8, np.uint16):
-        return band.astype(np.float32) / np.float32(np.iinfo(band.dtype).max)
-    out = np.nan_to_num(band.astype(np.float32))
-    if band.dtype != np.bool_ and (np.issubdtype(band.dtype, np.integer) or (gmax or 0) > 1):
-        out /= max(gmax or 0, 1e-12)
-    return np.clip(out, 0.0, 1.0)
 
 
 def tissue_mask(thumb: np.ndarray) -> np.ndarray:
@@ -238,7 +228,7 @@ def _read_window(reader, y: int, x: int, roi: tuple[int, int], in_channels: int,
     reflect-padded at the bottom / right, exactly as `sliding_window_inference` pads the image."""
     h, w = reader.shape[:2]
     raw = reader.read(y, x, min(roi[0], h - y), min(roi[1], w - x))
-    win = match_channels(_to_float(raw, gmax), in_channels, getattr(reader, "path", "image"))
+    win = match_channels(to_float(raw, gmax), in_channels, getattr(reader, "path", "image"))
     t = torch.from_numpy(np.ascontiguousarray(win.transpose(2, 0, 1)))[None]
     if t.shape[-2] < roi[0] or t.shape[-1] < roi[1]:
         t = pad_to(t, *roi)

@@ -20,13 +20,12 @@ import io
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from ..utils.files import file_mode
+from ..utils.files import commit, temp_beside
 from .writers import TiledTiffWriter
 
 __all__ = ["InstanceWriter", "trace_outline", "CSV_COLUMNS"]
@@ -84,14 +83,12 @@ class _StreamFile:
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, self.tmp = temp_beside(path)
         self.f = io.open(fd, "w", newline="")
 
     def close(self) -> Path:
         self.f.close()
-        os.chmod(self.tmp, file_mode())
-        os.replace(self.tmp, self.path)
+        commit(self.tmp, self.path)  # as atomic_write: the umask's mode, fsync, rename, fsync
         return self.path
 
     def abort(self) -> None:

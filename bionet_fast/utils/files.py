@@ -27,25 +27,37 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     sees the old file or the new one, never half of one. A folder that cannot be written is a
     PermissionError naming it."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    except PermissionError as err:
-        raise PermissionError(f"cannot write {path}: {path.parent} is not writable ({err.strerror}); "
-                              "choose another output folder") from err
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         write(tmp)
-        # chmod after the write: mkstemp, and safetensors' own temp-and-rename, make 0600 files
-        os.chmod(tmp, file_mode())
-        _fsync(tmp, os.O_RDONLY)
-        os.replace(tmp, path)
-        _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # the rename itself
+        commit(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def temp_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temporary file in `path`'s folder (created), to `commit` as `path`
+    once complete; a folder that cannot be written is a PermissionError naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except PermissionError as err:
+        raise PermissionError(f"cannot write {path}: {path.parent} is not writable ({err.strerror}); "
+                              "choose another output folder") from err
+
+
+def commit(tmp: str, path: Path) -> None:
+    """Give the complete temporary file `tmp` the umask's mode, fsync it, rename it over `path` and
+    fsync the folder (the rename itself)."""
+    # chmod after the write: mkstemp, and safetensors' own temp-and-rename, make 0600 files
+    os.chmod(tmp, file_mode())
+    _fsync(tmp, os.O_RDONLY)
+    os.replace(tmp, path)
+    _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
 
 def _fsync(path: str | Path, flags: int) -> None:

@@ -13,21 +13,51 @@ Public API:
 
 Layers (each imports only those below it): the CLIs (train, evaluate, predict) -> engine ->
 models -> blocks -> kernels; data, metrics and utils are leaves.
+
+Importing the package has no side effect on the process: nothing is set in os.environ, and torch is
+loaded only when a name above is first used (PEP 562), so that `python -m bionet_fast.train` can
+choose its own process's OpenMP settings before torch loads (bionet_fast/_process.py).
 """
-import os as _os
+from __future__ import annotations
 
-# OpenMP threads that spin while they wait make torch many times slower on a CPU shared with another
-# job (engine/cpu_threads.py); this must be set before torch loads its OpenMP runtime. Yours wins.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .engine.export import export  # noqa: E402
-from .engine.memory import peak_step_memory, saved_activation_bytes
-from .engine.planner import plan_memory
-from .engine.tiling import sliding_window_inference
-from .models import (BiOLinkNet, BiOLinkNetConfig, BiONet, BiONetConfig, create_model, from_pretrained,
-                     load_official)
+# public name -> the module that defines it
+_LAZY = {
+    "export": "bionet_fast.engine.export",
+    "peak_step_memory": "bionet_fast.engine.memory",
+    "saved_activation_bytes": "bionet_fast.engine.memory",
+    "plan_memory": "bionet_fast.engine.planner",
+    "sliding_window_inference": "bionet_fast.engine.tiling",
+    **{name: "bionet_fast.models" for name in ("BiOLinkNet", "BiOLinkNetConfig", "BiONet", "BiONetConfig",
+                                                "create_model", "from_pretrained", "load_official")},
+}
+_SUBPACKAGES = ("blocks", "data", "engine", "kernels", "metrics", "models", "utils")
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on first use
+    from .engine.export import export
+    from .engine.memory import peak_step_memory, saved_activation_bytes
+    from .engine.planner import plan_memory
+    from .engine.tiling import sliding_window_inference
+    from .models import (BiOLinkNet, BiOLinkNetConfig, BiONet, BiONetConfig, create_model, from_pretrained,
+                         load_official)
 
 __all__ = ["BiOLinkNet", "BiOLinkNetConfig", "BiONet", "BiONetConfig", "create_model", "export", "from_pretrained",
            "load_official",
            "peak_step_memory", "plan_memory", "saved_activation_bytes", "sliding_window_inference"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -15,6 +15,11 @@ Prints the scores and writes OUT/metrics.json:
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # this program's own process only, before torch loads (never on import)
+    from ._process import configure_cli_process
+
+    configure_cli_process()
+
 import argparse
 import sys
 from pathlib import Path

@@ -31,6 +31,11 @@ times (bicubic) and refined: NAME_sr.png.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # this program's own process only, before torch loads (never on import)
+    from ._process import configure_cli_process
+
+    configure_cli_process()
+
 import argparse
 import os
 import sys

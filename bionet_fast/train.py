@@ -27,6 +27,11 @@ Several GPUs: torchrun --nproc_per_node N -m bionet_fast.train ... (one process 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # this program's own process only, before torch loads (never on import)
+    from ._process import configure_cli_process
+
+    configure_cli_process()
+
 import argparse
 import dataclasses
 import json

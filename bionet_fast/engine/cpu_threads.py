@@ -1,11 +1,12 @@
 """How many CPU threads torch uses: its default (one per core) is the worst choice on a CPU that
 another job is using. Each parallel region then waits for its slowest thread, which shares a core
-with the other job. Measured on this repository's 2-core machine under heavy load (README.md, "CPU threads on a shared machine"): 1.2 s per training
+with the other job. Measured on this repository's 2-core machine under heavy load (docs/cpu-threads.md): 1.2 s per training
 step with one thread, 2.4 s with two passive threads, 67 s with two threads whose OpenMP runtime
 spins while it waits.
 
-Two remedies: bionet_fast/__init__.py sets ``OMP_WAIT_POLICY=PASSIVE`` before torch loads (unless
-the user set it), and :func:`default_threads` uses only the cores that are idle when the run starts.
+Two remedies: the CLIs (train, evaluate, predict) set ``OMP_WAIT_POLICY=PASSIVE`` (unless the user
+set it) for their own process before torch loads (bionet_fast/_process.py; importing the library
+sets nothing), and :func:`default_threads` uses only the cores that are idle when the run starts.
 """
 from __future__ import annotations
 

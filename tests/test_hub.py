@@ -1,6 +1,7 @@
 """Self-describing checkpoints and the Hugging Face Hub, offline: config.json's inference block, a
 folder saved with backend="triton" on a CPU-only machine, a super-resolution folder predicted as
 such, Hub repo ids from an offline cache (never the network), push_to_hub, the model card."""
+import importlib.util
 import json
 import shutil
 import socket
@@ -163,15 +164,85 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch, tmp_path):
 
 
 def test_model_card(tmp_path):
+    hf = pytest.importorskip("huggingface_hub")
     model = _tiny(integrate=True)
-    model.inference_info = InferenceInfo(metrics={"dice": 0.877, "iou": 0.781},
+    model.inference_info = InferenceInfo(metrics={"dice": 0.877, "iou": 0.781, "epoch": 7},
                                          training_data="512 synthetic H&E-like images")
-    model.save_pretrained(tmp_path)
+    model.inference_info.mpp = 0.5  # a pixel size, when the inference block records one
+    model.save_pretrained(tmp_path, license="cc-by-nc-sa-4.0")
     card = (tmp_path / "README.md").read_text()
     n = sum(p.numel() for p in model.parameters())
-    for text in ("library_name: bionet_fast", "# bionet (t=2)", f"{n:,}", "segmentation",
+    for text in ("# bionet (t=2)", f"{n:,}", "segmentation", "0.5 um/px",
                  "512 synthetic H&E-like images", "| dice | 0.8770 |", "bionet_fast.from_pretrained(",
                  "MICCAI 2020", "Learning Recurrent Bi-directional Connections", "integrate (INT) | True"):
         assert text in card, text
+    data = hf.ModelCard.load(tmp_path / "README.md").data  # the metadata the Hub reads
+    assert (data.license, data.library_name, data.pipeline_tag) == ("cc-by-nc-sa-4.0", "bionet_fast",
+                                                                    "image-segmentation")
+    assert data.pixel_size_um == 0.5
+    assert {(r.metric_type, r.metric_value) for r in data.eval_results} == {("dice", 0.877), ("iou", 0.781)}
     model.save_pretrained(tmp_path / "nocard", model_card=False)
     assert not (tmp_path / "nocard" / "README.md").exists()
+
+
+def test_a_folder_saves_and_loads_without_huggingface_hub(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    model = _tiny()
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert bionet_fast.from_pretrained(tmp_path).config == model.config
+
+
+def _trained_then_saved(folder):
+    """A tiny model whose running statistics differ from the first batch's statistics."""
+    model = _tiny().train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(2, 3, 16, 16) * 2)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+def test_from_pretrained_returns_eval_mode_folders_and_hub_ids(tmp_path):
+    """model(x) straight after loading is the eval-mode output, and it leaves the stored BatchNorm
+    statistics alone (train mode would use batch statistics and overwrite them)."""
+    model = _trained_then_saved(tmp_path / "saved")
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+    loaders = [lambda: bionet_fast.from_pretrained(tmp_path / "saved"),
+               lambda: BiONet.from_pretrained(tmp_path / "saved")]
+    if importlib.util.find_spec("huggingface_hub") is not None:
+        cache = _fake_cache(tmp_path, tmp_path / "saved")
+        loaders += [lambda: bionet_fast.from_pretrained("org/bionet-tiny", cache_dir=cache, local_files_only=True),
+                    lambda: BiONet.from_pretrained("org/bionet-tiny", cache_dir=cache, local_files_only=True)]
+    for load in loaders:
+        got = load()
+        assert got.training is False and not any(m.training for m in got.modules())
+        stats = {k: v.clone() for k, v in got.state_dict().items()}
+        with torch.no_grad():
+            assert torch.equal(got(x), want)
+        assert all(torch.equal(v, got.state_dict()[k]) for k, v in stats.items())
+
+
+def test_map_location_and_strict(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _trained_then_saved(tmp_path)
+    for where in ("cpu", torch.device("cpu")):
+        got = bionet_fast.from_pretrained(tmp_path, map_location=where)
+        assert {p.device.type for p in got.state_dict().values()} == {"cpu"}
+    if torch.cuda.is_available():  # the GPU twin of the line above
+        got = bionet_fast.from_pretrained(tmp_path, map_location="cuda")
+        assert {p.device.type for p in got.state_dict().values()} == {"cuda"}
+    with pytest.raises(ValueError, match="map_location='gpu0' is not a device"):
+        bionet_fast.from_pretrained(tmp_path, map_location="gpu0")
+    state = load_file(tmp_path / "model.safetensors")
+    dropped = sorted(state)[0]
+    del state[dropped]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="missing keys"):
+        bionet_fast.from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=f"strict=False.*{dropped}"):
+        got = bionet_fast.from_pretrained(tmp_path, strict=False)
+    assert got.training is False and all(torch.equal(v, got.state_dict()[k]) for k, v in state.items())

@@ -56,7 +56,8 @@ def architecture_of(directory: str | Path) -> str:
 
 def from_pretrained(directory: str | Path, **overrides: Any) -> nn.Module:
     """Load any saved model folder, or a Hugging Face Hub repo id ("org/name", with revision,
-    cache_dir, local_files_only, token), as its own class (BiONet, BiOLinkNet, ...)."""
+    cache_dir, local_files_only, token), as its own class (BiONet, BiOLinkNet, ...), in eval mode;
+    map_location (default "cpu") and strict (default True) as huggingface_hub's mixin takes them."""
     hub = {k: overrides.pop(k) for k in HUB_OPTIONS if k in overrides}
     folder = resolve_folder(directory, overrides.get("weights_name", WEIGHTS_NAME), **hub)
     return model_class(architecture_of(folder)).from_pretrained(folder, **overrides)

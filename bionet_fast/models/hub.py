@@ -1,7 +1,8 @@
 """The Hugging Face Hub: download a saved folder by repo id, push one, and write its model card.
 
 `huggingface_hub` is an optional extra (`pip install bionet_fast[hub]`), imported only when a repo
-id is given or `push_to_hub` is called; the model card is plain text and needs nothing.
+id is given, `push_to_hub` is called, or a folder is saved (for its model card: huggingface_hub's
+`ModelCard` / `ModelCardData`; without the library a folder saves without README.md).
 A Hub repo holds exactly what `save_pretrained` writes (config.json, model.safetensors, README.md),
 so a downloaded snapshot loads through the same strict path as a local folder.
 """
@@ -60,24 +61,67 @@ def download_folder(repo_id: str, weights_name: str = "model.safetensors", *, re
 
 def push_to_hub(model, repo_id: str, *, token: Optional[str] = None, private: Optional[bool] = None,
                 revision: Optional[str] = None, commit_message: str = "Upload BiO-Net weights",
-                create_pr: bool = False) -> Any:
+                create_pr: bool = False, license: str = "unknown") -> Any:
     """save_pretrained into a temporary folder and upload it as one commit (creating the repo if
     needed); returns huggingface_hub's CommitInfo."""
     hf = _hf()
     api = hf.HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, license=license, repo_id=repo_id)
         return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
                                  commit_message=commit_message, create_pr=create_pr)
 
 
-def model_card_text(model, repo_id: Optional[str] = None) -> str:
-    """README.md for a saved folder: YAML front matter, architecture, t, parameters, task, training
-    data and metrics, how to load it, and the paper's citation."""
-    cfg = model.config
+def model_card(model, repo_id: Optional[str] = None, license: str = "unknown"):
+    """The README.md model card of a saved folder as a huggingface_hub `ModelCard`, its metadata
+    from `ModelCardData` (license, pipeline_tag, library_name, tags, the training pixel size when
+    known, the validation metrics as model-index results); None when huggingface_hub is not
+    installed (the folder then saves without a card: push_to_hub, which needs the library, always
+    writes one)."""
+    try:
+        from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    except ImportError:
+        return None
+    cfg, info = model.config, _info(model)
+    arch = getattr(model, "architecture", "bionet")
+    name = f"{arch}-t{cfg.iterations}"
+    mpp = _pixel_size(info)
+    results = [EvalResult(task_type="image-segmentation" if info.task == "segmentation" else "image-to-image",
+                          dataset_type="validation", dataset_name=info.training_data or "validation images",
+                          dataset_split="validation", metric_type=k, metric_value=v, metric_name=k)
+               for k, v in sorted(info.metrics.items()) if k not in ("epoch", "step") and _is_number(v)]
+    data = ModelCardData(
+        license=license, library_name="bionet_fast",
+        pipeline_tag="image-segmentation" if info.task == "segmentation" else "image-to-image",
+        tags=["bionet_fast", "bionet", "biomedical", "nuclei-segmentation", "pytorch"],
+        model_name=name if results else None, eval_results=results or None,
+        **({"pixel_size_um": mpp} if mpp is not None else {}))
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(model, info, repo_id, mpp)}")
+
+
+def _info(model) -> InferenceInfo:
     info = getattr(model, "inference_info", None)
-    info = info if isinstance(info, InferenceInfo) else InferenceInfo()
+    return info if isinstance(info, InferenceInfo) else InferenceInfo()
+
+
+def _pixel_size(info: InferenceInfo) -> Optional[float]:
+    """The training images' pixel size in micrometres, if the inference block records one."""
+    for key in ("mpp", "pixel_size_um", "pixel_size"):
+        value = getattr(info, key, None)
+        if _is_number(value):
+            return float(value)
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _card_body(model, info: InferenceInfo, repo_id: Optional[str], mpp: Optional[float]) -> str:
+    """The card's Markdown: architecture, t, parameters, task, training data and metrics, how to
+    load it, and the paper's citation."""
+    cfg = model.config
     arch = getattr(model, "architecture", "bionet")
     n = sum(p.numel() for p in model.parameters())
     name = repo_id or "PATH_OR_REPO_ID"
@@ -88,18 +132,12 @@ def model_card_text(model, repo_id: Optional[str] = None) -> str:
             ("input", f"{cfg.in_channels} channels, values in {list(info.value_range)}, sides multiples "
                       f"of {getattr(model, 'size_multiple', '?')}"),
             ("output", f"{cfg.classes} channel(s), {task}"),
+            ("threshold", info.threshold),
+            ("training pixel size", f"{mpp} um/px" if mpp is not None else "not recorded"),
             ("default inference window", info.tile_size or "whole images")]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     metrics = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(info.metrics.items())) or "| - | not recorded |"
-    tags = "\n".join(f"  - {t}" for t in ("bionet_fast", "image-segmentation", "pytorch", "biomedical",
-                                          "nuclei-segmentation"))
-    return f"""---
-library_name: bionet_fast
-tags:
-{tags}
----
-
-# {arch} (t={cfg.iterations})
+    return f"""# {arch} (t={cfg.iterations})
 
 A BiO-Net (recurrent bi-directional U-Net) trained with bionet_fast for {task}.
 
@@ -123,7 +161,7 @@ A BiO-Net (recurrent bi-directional U-Net) trained with bionet_fast for {task}.
 import torch
 import bionet_fast
 
-model = bionet_fast.from_pretrained("{name}")   # a local folder or a Hub repo id
+model = bionet_fast.from_pretrained("{name}")   # a local folder or a Hub repo id; eval mode
 probs = model.predict(torch.rand(1, {cfg.in_channels}, 256, 256))   # values in {list(info.value_range)}
 ```
 

@@ -51,18 +51,21 @@ def config_dict(model) -> dict[str, Any]:
 
 
 def save_pretrained(model, directory: str | Path, weights_name: str = WEIGHTS_NAME,
-                    model_card: bool = True) -> Path:
-    """Write `directory/config.json`, `directory/<weights_name>` and (model_card) a README.md model
-    card; returns the directory."""
+                    model_card: bool = True, license: str = "unknown", repo_id: str | None = None) -> Path:
+    """Write `directory/config.json`, `directory/<weights_name>` and (model_card, when huggingface_hub
+    is installed) a README.md model card with `license` (a Hub license id) and, in its example,
+    `repo_id`; returns the directory."""
     directory = Path(directory)
     text = json.dumps(config_dict(model), indent=2, sort_keys=True)
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n"))
     save_weights(model.state_dict(), directory / weights_name, {"format": "pt", "library": "bionet_fast"})
+    card = None
     if model_card:
-        from .hub import model_card_text  # text only: needs no huggingface_hub
+        from .hub import model_card as make_card  # huggingface_hub's ModelCard, or None without it
 
-        card = model_card_text(model)
-        atomic_write(directory / CARD_NAME, lambda tmp: Path(tmp).write_text(card))
+        card = make_card(model, repo_id, license=license)
+    if card is not None:
+        atomic_write(directory / CARD_NAME, lambda tmp: Path(tmp).write_text(str(card)))
     return directory
 
 
@@ -101,12 +104,18 @@ def _split(data: dict, directory, config_cls, architecture: str, overrides: dict
     return config_cls.from_dict({**data, **overrides}), info
 
 
-def load_pretrained(cls, directory: str | Path, weights_name: str = WEIGHTS_NAME, **overrides: Any):
-    """Build `cls` from `directory/config.json` (overrides win) and load `directory/<weights_name>`.
+def load_pretrained(cls, directory: str | Path, weights_name: str = WEIGHTS_NAME, *,
+                    map_location: str | torch.device = "cpu", strict: bool = True, **overrides: Any):
+    """Build `cls` from `directory/config.json` (overrides win), load `directory/<weights_name>` onto
+    `map_location` and return the model **in eval mode** (as huggingface_hub's PyTorchModelHubMixin
+    and segmentation_models_pytorch do: call .train() to fine-tune).
 
     `directory`: a local folder, or a Hugging Face Hub repo id ("org/name"; hub options
-    revision, cache_dir, local_files_only, token, force_download may be passed). The folder's
-    "inference" block becomes `model.inference_info` (None for folders older than it)."""
+    revision, cache_dir, local_files_only, token, force_download may be passed). `strict=False`
+    loads a checkpoint with missing or unexpected tensors (named in one warning); mis-shaped tensors
+    are refused either way. The folder's "inference" block becomes `model.inference_info` (None for
+    folders older than it)."""
+    device = _device(map_location)
     hub = {k: overrides.pop(k) for k in HUB_OPTIONS if k in overrides}
     folder = resolve_folder(directory, weights_name, **hub)
     config_cls = getattr(cls, "config_class", BiONetConfig)
@@ -118,13 +127,22 @@ def load_pretrained(cls, directory: str | Path, weights_name: str = WEIGHTS_NAME
         raise FileNotFoundError(f"no {weights_name} in {directory}; the folder holds "
                                 f"{sorted(p.name for p in folder.iterdir())}")
     try:
-        state = load_file(str(weights))
+        state = load_file(str(weights), device=str(device))
     except Exception as err:  # SafetensorError / OSError do not name the file
         raise ValueError(f"{weights} is corrupt or truncated ({type(err).__name__}: {err}); it cannot be "
                          "loaded") from None
-    load_state(model, state, source=str(weights))
+    load_state(model.to(device), state, source=str(weights), strict=strict)
     model.inference_info = info
-    return model
+    return model.eval()
+
+
+def _device(map_location: str | torch.device) -> torch.device:
+    """map_location as a torch.device; ValueError naming the fix for a bad one (before any work)."""
+    try:
+        return torch.device(map_location)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"map_location={map_location!r} is not a device ({err}); pass e.g. 'cpu', "
+                         "'cuda' or 'cuda:1'") from None
 
 
 def resolve_folder(directory: str | Path, weights_name: str = WEIGHTS_NAME, **hub: Any) -> Path:
@@ -147,13 +165,20 @@ def looks_like_repo_id(text: str) -> bool:
             and "\\" not in text and not Path(text).exists())
 
 
-def load_state(model, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """load_state_dict with an error that names missing, unexpected and mis-shaped tensors."""
+def load_state(model, state: Mapping[str, torch.Tensor], source: str = "checkpoint", strict: bool = True) -> None:
+    """load_state_dict with an error that names missing, unexpected and mis-shaped tensors (strict=False:
+    missing and unexpected tensors are named in a warning instead; mis-shaped ones are always an error)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
+    if not strict and not shapes and (missing or unexpected):
+        warnings.warn(f"{source}: loaded with strict=False into a {type(model).__name__}; "
+                      + (_listing("missing keys (left as initialised)", missing)
+                         + _listing("unexpected keys (ignored)", unexpected)).strip(), stacklevel=3)
+        model.load_state_dict(state, strict=False)
+        return
     if missing or unexpected or shapes:
         raise ValueError(
             f"{source} does not match this {type(model).__name__} configuration ({model.config.to_dict()}).\n"

@@ -154,15 +154,15 @@ class RecurrentModel(nn.Module):
         return torch.sigmoid(logits) if self.config.classes == 1 else torch.softmax(logits, dim=1)
 
     def save_pretrained(self, directory: str | Path, **kwargs: Any) -> Path:
-        """Write `config.json`, `model.safetensors` and a README.md model card into `directory`
-        (atomically); kwargs: weights_name, model_card."""
+        """Write `config.json`, `model.safetensors` and (with huggingface_hub) a README.md model card
+        into `directory` (atomically); kwargs: weights_name, model_card, license, repo_id."""
         from .pretrained import save_pretrained
 
         return save_pretrained(self, directory, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):
         """Upload what save_pretrained writes to the Hugging Face Hub repo `repo_id` (needs
-        bionet_fast[hub]); kwargs: token, private, revision, commit_message, create_pr."""
+        bionet_fast[hub]); kwargs: token, private, revision, commit_message, create_pr, license."""
         from .hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
@@ -170,7 +170,8 @@ class RecurrentModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any):
         """Load a directory written by `save_pretrained` (or by the trainer), or a Hugging Face Hub
-        repo id (revision, cache_dir, local_files_only, token); overrides win."""
+        repo id (revision, cache_dir, local_files_only, token), in eval mode, onto `map_location`
+        (default "cpu"); `strict=False` tolerates missing / unexpected tensors; overrides win."""
         from .pretrained import load_pretrained
 
         return load_pretrained(cls, directory, **overrides)

@@ -5,11 +5,14 @@ and width, and a JSON beside it with what a consumer needs.
     python -m bionet_fast.export --checkpoint runs/bionet-t5 --format torchscript --out bionet.pt
 
 Formats: onnx (onnxruntime, OpenCV, TensorRT ...), torchscript (QuPath's deep-learning extension,
-libtorch), exported-program (torch.export; keeps the input size check as a guard). The reference
-PyTorch path is traced whatever backend the model was trained with. The file is verified by running
-it (onnxruntime for ONNX, when installed) at two input sizes; the largest difference from PyTorch is
-printed. OUT.json holds the channels, value range, size multiple (height and width must be
-multiples of it: the exported graph does not check), activation, task, classes and threshold.
+libtorch), exported-program (torch.export; keeps the input size check as a guard). ONNX is written
+by torch.onnx.export(dynamo=True); the TorchScript-based exporter is the fallback, with the reason
+printed (--onnx-exporter picks one). The reference PyTorch path is traced whatever backend the model
+was trained with. The file is verified by running it (onnxruntime for ONNX, when installed) at two
+input sizes; the largest difference from PyTorch is printed. The file itself (ONNX metadata_props,
+TorchScript / ExportedProgram extra file bionet_fast.json) and OUT.json beside it hold the channels,
+value range, size multiple (height and width must be multiples of it: the exported graph does not
+check), activation, task, classes and threshold.
 
 From Python: bionet_fast.export(model, "bionet.onnx", format="onnx").
 """
@@ -19,7 +22,7 @@ import argparse
 import sys
 import types
 
-from .engine.export import FORMATS, ExportReport, export
+from .engine.export import FORMATS, ONNX_EXPORTERS, ExportReport, export
 from .engine.inference import InferenceOptions, load_for_inference
 from .models.config import InferenceInfo
 
@@ -34,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "official .pt checkpoint")
     p.add_argument("--format", required=True, choices=FORMATS, help="the file format")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write (OUT.json goes beside it)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--onnx-exporter", choices=ONNX_EXPORTERS, default="auto",
+                   help="auto (default): torch.onnx.export(dynamo=True), the TorchScript-based exporter if "
+                        "that fails (the reason is printed); dynamo or torchscript: that one only")
     p.add_argument("--no-verify", action="store_true", help="do not run the written file")
     return p
 
@@ -48,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             model.inference_info = InferenceInfo(task=task, sr_scale=scale if task == "super-resolution"
                                                  else None, tile_size=tile)
         report: ExportReport = export(model, args.out, format=args.format, opset=args.opset,
-                                      verify=not args.no_verify)
+                                      verify=not args.no_verify, onnx_exporter=args.onnx_exporter)
     except (FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,13 +1,16 @@
 """Export: ONNX (run by onnxruntime), TorchScript and ExportedProgram files match PyTorch at two input
-sizes; the reference path is traced whatever the backend; the CLI writes the file and its JSON."""
+sizes; the reference path is traced whatever the backend; the CLI writes the file and its JSON; the
+files carry their metadata themselves (ONNX metadata_props, TorchScript extra files)."""
+import importlib.util
 import json
+import warnings
 
 import pytest
 import torch
 
 import bionet_fast
 from bionet_fast import BiONet
-from bionet_fast.engine.export import export, reference_copy
+from bionet_fast.engine.export import export, read_file_metadata, reference_copy
 from bionet_fast.models.config import InferenceInfo
 
 SIZES = [(1, 3, 32, 32), (2, 3, 48, 24)]  # depth 2: sides multiples of 8; the second is not traced
@@ -42,7 +45,8 @@ def test_export_matches_pytorch_at_two_sizes(tmp_path, name, fmt):
         pytest.importorskip("onnxruntime")  # in the [test] extra; an install without it skips only this
     model, sizes = MODELS[name]()
     path = tmp_path / f"model.{fmt}"
-    report = export(model, path, format=fmt, sizes=sizes)
+    # the TorchScript-based ONNX exporter here (seconds); the dynamo one, the default, is tested below
+    report = export(model, path, format=fmt, sizes=sizes, onnx_exporter="torchscript")
     assert report.verified_with in ("onnxruntime", "torch.jit.load")
     assert len(report.max_abs_diff) == 2
     assert max(report.max_abs_diff.values()) < TOL, report.max_abs_diff
@@ -55,13 +59,69 @@ def test_export_matches_pytorch_at_two_sizes(tmp_path, name, fmt):
 
 
 def test_independent_run_of_the_torchscript_file(tmp_path):
-    """Not only the report: the file, loaded afresh, gives the model's logits at a third size."""
+    """Not only the report: the file, loaded afresh, gives the model's logits at a third size, and
+    its extra file says what the sidecar JSON says (but the verification)."""
     model = _tiny(iterations=2)
-    export(model, tmp_path / "m.pt", format="torchscript", sizes=SIZES)
-    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    model.inference_info = InferenceInfo(threshold=0.4, tile_size=64)
+    report = export(model, tmp_path / "m.pt", format="torchscript", sizes=SIZES)
+    extra = {"bionet_fast.json": ""}
+    loaded = torch.jit.load(str(tmp_path / "m.pt"), _extra_files=extra)
     x = torch.rand(3, 3, 16, 40)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=TOL, rtol=0)
+    inside = json.loads(extra["bionet_fast.json"])
+    assert inside == read_file_metadata(tmp_path / "m.pt")
+    assert inside["input"]["size_multiple"] == 8 and inside["input"]["value_range"] == [0.0, 1.0]
+    assert inside["output"]["activation"] == "sigmoid" and inside["threshold"] == 0.4
+    sidecar = json.loads(report.meta_path.read_text())
+    assert sidecar.pop("max_abs_diff_vs_pytorch") and sidecar == inside
+
+
+def _onnx_props(path):
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_dynamo_onnx_runs_in_onnxruntime_at_two_sizes_and_carries_its_metadata(tmp_path):
+    """The default ONNX path: torch.onnx.export(dynamo=True), a reflect-padded model (the default
+    recipe's), dynamic batch / height / width, metadata in the file itself."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = _tiny(iterations=2, padding_mode="reflect")
+    model.inference_info = InferenceInfo(threshold=0.6, tile_size=512)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback would warn
+        report = export(model, path, sizes=[(1, 3, 16, 16), (2, 3, 24, 40)])
+    assert (report.exporter, report.fallback_reason) == ("dynamo", None)
+    assert report.verified_with == "onnxruntime" and max(report.max_abs_diff.values()) < TOL
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # afresh, a third size
+    x = torch.rand(3, 3, 32, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {"image": x.numpy()})[0]), model(x),
+                                   atol=TOL, rtol=0)
+    props = _onnx_props(path)
+    assert (props["size_multiple"], props["value_range"], props["activation"], props["threshold"]) == \
+        ("8", "[0.0, 1.0]", "sigmoid", "0.6")
+    inside = read_file_metadata(path)
+    assert inside["tile_size"] == 512 and inside["config"]["padding_mode"] == "reflect"
+    assert json.loads(report.meta_path.read_text())["onnx_exporter"] == "dynamo"
+
+
+def test_onnx_falls_back_to_the_torchscript_exporter_and_says_why(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    model = _tiny(iterations=1)
+    with pytest.warns(UserWarning, match="TorchScript-based exporter.*onnxscript is not installed"):
+        report = export(model, tmp_path / "m.onnx", sizes=SIZES)
+    assert report.exporter == "torchscript" and "onnxscript" in report.fallback_reason
+    assert report.summary().splitlines()[0].startswith("ONNX exporter: TorchScript-based (fallback: onnxscript")
+    assert max(report.max_abs_diff.values()) < TOL
+    assert _onnx_props(tmp_path / "m.onnx")["size_multiple"] == "8"
+    with pytest.raises(ImportError, match="onnxscript"):
+        export(model, tmp_path / "n.onnx", sizes=SIZES, onnx_exporter="dynamo")
 
 
 def test_exported_program_keeps_the_size_guard(tmp_path):

@@ -4,10 +4,14 @@ deep-learning extension loads) or a torch.export ExportedProgram.
 `export(model, path, format=...)` always traces the reference (plain PyTorch) path, whatever
 backend the model was built with: a reference copy shares the model's state_dict, so the fused
 Triton blocks (opaque to every tracer) are never traced. Batch, height and width stay dynamic.
-Beside the file it writes `<file>.json` with what a consumer needs (channels, value range, size
-multiple, activation, task, classes, threshold), then verifies the file by running it (onnxruntime
-for ONNX when installed, torch.jit.load, torch.export.load) at two input sizes and reports the
-largest difference from PyTorch.
+ONNX is written by the exporter PyTorch recommends, `torch.onnx.export(dynamo=True)` (torch.export
++ onnxscript), from the same ExportedProgram as the exported-program format; the TorchScript-based
+exporter is the fallback (onnxscript missing, or the dynamo exporter failed), with the reason
+said in one line. What a consumer needs (channels, value range, size multiple, activation, task,
+classes, threshold) is stored inside the file (ONNX metadata_props, TorchScript / ExportedProgram
+extra file `bionet_fast.json`; `read_file_metadata` reads it back) and in `<file>.json` beside it,
+which adds the verification: the file is run (onnxruntime for ONNX when installed, torch.jit.load,
+torch.export.load) at two input sizes and the largest difference from PyTorch is reported.
 
 The size check (sides multiples of 2**(depth+1)) is not part of a traced ONNX or TorchScript graph:
 a bad size fails inside the runtime with a shape error; the JSON states the rule. The ExportedProgram
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +36,11 @@ from ..models.pretrained import inference_info
 from ..utils.files import atomic_write, write_json
 
 FORMATS = ("onnx", "torchscript", "exported-program")
+ONNX_EXPORTERS = ("auto", "dynamo", "torchscript")  # auto: dynamo, the TorchScript-based one if it fails
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
+META_NAME = "bionet_fast.json"  # the extra file (TorchScript, ExportedProgram) / metadata key (ONNX)
+# flat ONNX metadata_props beside the JSON one, for viewers such as Netron
+ONNX_FLAT_KEYS = ("task", "classes", "threshold", "tile_size", "sr_scale")
 
 
 @dataclass
@@ -43,13 +52,18 @@ class ExportReport:
     format: str
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # "BxCxHxW" -> max |file - torch|
     verified_with: Optional[str] = None  # None when no runtime was available (ONNX without onnxruntime)
+    exporter: str = ""  # ONNX: "dynamo" or "torchscript"
+    fallback_reason: Optional[str] = None  # why the TorchScript-based ONNX exporter was used
 
     def summary(self) -> str:
+        lines = [f"ONNX exporter: TorchScript-based (fallback: {self.fallback_reason})"] if self.fallback_reason else []
         if self.verified_with is None:
-            return f"wrote {self.path} and {self.meta_path} (not verified: pip install onnxruntime)"
-        diffs = ", ".join(f"{k}: {v:.2e}" for k, v in self.max_abs_diff.items())
-        return (f"wrote {self.path} and {self.meta_path}; verified with {self.verified_with}, "
-                f"largest difference from PyTorch {diffs}")
+            lines.append(f"wrote {self.path} and {self.meta_path} (not verified: pip install onnxruntime)")
+        else:
+            diffs = ", ".join(f"{k}: {v:.2e}" for k, v in self.max_abs_diff.items())
+            lines.append(f"wrote {self.path} and {self.meta_path}; verified with {self.verified_with}, "
+                         f"largest difference from PyTorch {diffs}")
+        return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -82,16 +96,21 @@ def default_sizes(model: nn.Module, channels: int) -> list[tuple[int, int, int, 
 
 
 def export(model: nn.Module, path: str | Path, format: str = "onnx",
-           sizes: Optional[list[tuple[int, int, int, int]]] = None, opset: int = 17,
-           verify: bool = True) -> ExportReport:
-    """Write `model` to `path` in `format` (onnx | torchscript | exported-program) and the JSON
-    `<path>.json` beside it; verify the file at `sizes` (two (B, C, H, W) shapes, sides multiples of
-    model.size_multiple; the first is traced). Returns an ExportReport."""
+           sizes: Optional[list[tuple[int, int, int, int]]] = None, opset: int = 18,
+           verify: bool = True, onnx_exporter: str = "auto") -> ExportReport:
+    """Write `model` to `path` in `format` (onnx | torchscript | exported-program), its metadata
+    inside the file and in the JSON `<path>.json` beside it; verify the file at `sizes` (two
+    (B, C, H, W) shapes, sides multiples of model.size_multiple; the first is traced).
+    `onnx_exporter`: "auto" (torch.onnx.export(dynamo=True), falling back to the TorchScript-based
+    exporter with the reason in the report and a warning), "dynamo" (no fallback) or "torchscript".
+    Returns an ExportReport."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r}; choose one of {', '.join(FORMATS)}")
+    if onnx_exporter not in ONNX_EXPORTERS:
+        raise ValueError(f"onnx_exporter={onnx_exporter!r}; choose one of {', '.join(ONNX_EXPORTERS)}")
     if format == "onnx" and importlib.util.find_spec("onnx") is None:
-        raise ImportError("ONNX export needs the onnx package (and onnxruntime to verify the file): "
-                          "pip install bionet_fast[onnx]")
+        raise ImportError("ONNX export needs the onnx package (and onnxscript for the dynamo exporter, "
+                          "onnxruntime to verify the file): pip install bionet_fast[onnx]")
     path = Path(path)
     cfg = model.config
     sizes = sizes or default_sizes(model, cfg.in_channels)
@@ -100,9 +119,13 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx",
         ref.check_input(torch.empty(shape, device="meta"))
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.rand(shape, generator=gen) for shape in sizes]
+    file_meta = export_metadata(model, format, {})
+    del file_meta["max_abs_diff_vs_pytorch"]  # the file says what it is; the JSON adds how it was checked
+    used = {}
     with _reference_backend(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter, not actionable here
-        atomic_write(path, lambda tmp: _WRITERS[format](ref, inputs[0], Path(tmp), opset))
+        atomic_write(path, lambda tmp: used.update(_WRITERS[format](ref, inputs[0], Path(tmp), opset,
+                                                                   file_meta, onnx_exporter) or {}))
         expected = [ref(x) for x in inputs]
         runner, name = _runner(format, path) if verify else (None, None)
         diffs = {}
@@ -110,10 +133,17 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx",
             for x, want in zip(inputs, expected):
                 got = runner(x)
                 diffs["x".join(map(str, x.shape))] = float((got.float() - want).abs().max())
+    if used.get("fallback_reason"):
+        warnings.warn(f"ONNX: the TorchScript-based exporter wrote {path} ({used['fallback_reason']})",
+                      stacklevel=2)
     meta_path = path.with_name(path.name + ".json")
     meta = export_metadata(model, format, diffs)
+    if format == "onnx":
+        meta["onnx_exporter"] = used.get("exporter", "")
+        meta["onnx_fallback_reason"] = used.get("fallback_reason")
     write_json(meta_path, meta)
-    return ExportReport(path, meta_path, format, diffs, name)
+    return ExportReport(path, meta_path, format, diffs, name, used.get("exporter", format),
+                        used.get("fallback_reason"))
 
 
 def export_metadata(model: nn.Module, format: str, diffs: dict) -> dict:
@@ -152,31 +182,105 @@ def _version() -> str:
 
 
 # --- the three writers and their runners ------------------------------------------------------------
-def _write_onnx(ref: nn.Module, x: torch.Tensor, tmp: Path, opset: int) -> None:
-    # The TorchScript-based exporter: one file with the weights inside (the dynamo exporter writes
-    # them to a side file by default) and dynamic axes, in about 1 s for a tiny model (dynamo ~30 s).
+def _dynamic_shapes(ref: nn.Module) -> dict:
+    """Batch, height and width dynamic; height and width multiples of the model's size multiple."""
+    m = ref.size_multiple
+    dim = torch.export.Dim
+    return {"x": {0: dim("batch", min=1, max=4096), 2: m * dim("h_blocks", min=1, max=65536 // m),
+                  3: m * dim("w_blocks", min=1, max=65536 // m)}}
+
+
+def _exported_program(ref: nn.Module, x: torch.Tensor):
+    x = x.expand(2, *x.shape[1:]) if x.shape[0] == 1 else x  # an example batch of 1 would specialise it
+    return torch.export.export(ref, (x,), dynamic_shapes=_dynamic_shapes(ref))
+
+
+def _write_onnx(ref: nn.Module, x: torch.Tensor, tmp: Path, opset: int, meta: dict, exporter: str) -> dict:
+    used = {"exporter": "torchscript"}
+    if exporter != "torchscript":
+        reason = _write_onnx_dynamo(ref, x, tmp, opset, fallback=exporter == "auto")
+        used = {"exporter": "dynamo"} if reason is None else {"exporter": "torchscript", "fallback_reason": reason}
+    if used["exporter"] == "torchscript":
+        _write_onnx_torchscript(ref, x, tmp, opset)
+    _add_onnx_metadata(tmp, meta)
+    return used
+
+
+def _write_onnx_dynamo(ref: nn.Module, x: torch.Tensor, tmp: Path, opset: int, fallback: bool = True
+                       ) -> Optional[str]:
+    """torch.onnx.export(dynamo=True) of the ExportedProgram, weights inside the file; returns None,
+    or (fallback) the one-line reason it could not be used."""
+    if importlib.util.find_spec("onnxscript") is None:
+        if not fallback:
+            raise ImportError("the dynamo ONNX exporter needs onnxscript: pip install bionet_fast[onnx]")
+        return "onnxscript is not installed: pip install bionet_fast[onnx]"
+    try:
+        program = torch.onnx.export(_exported_program(ref, x), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], opset_version=opset, external_data=False)
+        program.save(str(tmp), external_data=False)
+    except Exception as err:  # any failure of the newer exporter: the older one still works
+        if not fallback:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return f"the dynamo exporter failed: {type(err).__name__}: {first[:200]}"
+    return None
+
+
+def _write_onnx_torchscript(ref: nn.Module, x: torch.Tensor, tmp: Path, opset: int) -> None:
+    # The TorchScript-based exporter: one file with the weights inside and dynamic axes.
     dyn = {0: "batch", 2: "height", 3: "width"}
     torch.onnx.export(ref, (x,), str(tmp), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                       dynamic_axes={INPUT_NAME: dyn, OUTPUT_NAME: dyn}, opset_version=opset)
 
 
-def _write_torchscript(ref: nn.Module, x: torch.Tensor, tmp: Path, opset: int) -> None:
+def _add_onnx_metadata(tmp: Path, meta: dict) -> None:
+    """The metadata as ONNX metadata_props: the whole JSON under "bionet_fast.json", and flat keys."""
+    import onnx
+
+    proto = onnx.load(str(tmp))
+    flat = {META_NAME: json.dumps(meta, sort_keys=True),
+            "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
+            "size_multiple": meta["input"]["size_multiple"], "value_range": meta["input"]["value_range"],
+            "channels": meta["input"]["channels"], "activation": meta["output"]["activation"],
+            **{k: meta[k] for k in ONNX_FLAT_KEYS}}
+    del proto.metadata_props[:]
+    for key, value in flat.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(proto, str(tmp))
+
+
+def _write_torchscript(ref: nn.Module, x: torch.Tensor, tmp: Path, opset: int, meta: dict, exporter: str) -> None:
     # Tracing is shape-generic here: no op of the forward depends on H or W except the input check,
     # which the trace drops (check_trace=False: the check's Python branches warn, not differ).
     traced = torch.jit.trace(ref, (x,), check_trace=False)
-    traced.save(str(tmp))
+    traced.save(str(tmp), _extra_files={META_NAME: json.dumps(meta, sort_keys=True)})
 
 
-def _write_exported_program(ref: nn.Module, x: torch.Tensor, tmp: Path, opset: int) -> None:
-    m = ref.size_multiple
-    dim = torch.export.Dim
-    shapes = {"x": {0: dim("batch", min=1, max=4096), 2: m * dim("h_blocks", min=1, max=65536 // m),
-                    3: m * dim("w_blocks", min=1, max=65536 // m)}}
-    x = x.expand(2, *x.shape[1:]) if x.shape[0] == 1 else x  # an example batch of 1 would specialise it
-    torch.export.save(torch.export.export(ref, (x,), dynamic_shapes=shapes), str(tmp))
+def _write_exported_program(ref: nn.Module, x: torch.Tensor, tmp: Path, opset: int, meta: dict,
+                            exporter: str) -> None:
+    torch.export.save(_exported_program(ref, x), str(tmp),
+                      extra_files={META_NAME: json.dumps(meta, sort_keys=True)})
 
 
 _WRITERS = {"onnx": _write_onnx, "torchscript": _write_torchscript, "exported-program": _write_exported_program}
+
+
+def read_file_metadata(path: str | Path) -> dict:
+    """The metadata an exported file carries itself (no sidecar needed): ONNX metadata_props or the
+    TorchScript / ExportedProgram extra file."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return json.loads(props[META_NAME])
+    extra = {META_NAME: ""}
+    try:
+        torch.jit.load(str(path), _extra_files=extra)
+    except RuntimeError:  # not TorchScript: an ExportedProgram archive
+        torch.export.load(str(path), extra_files=extra)
+    return json.loads(extra[META_NAME])
 
 
 def _runner(format: str, path: Path):

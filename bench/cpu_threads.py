@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-# "" leaves OpenMP its default (spin, then sleep): bionet_fast only sets PASSIVE where the variable is unset
+# "" leaves OpenMP its default (spin, then sleep): the CLIs only set PASSIVE where the variable is unset
 CONFIGS = [(2, ""), (2, "PASSIVE"), (1, "")]
 
 

@@ -5,13 +5,18 @@ package owns the top-level name, and the kernels are an implementation detail of
 fused blocks, not a library of their own.
 
 Dependencies: inference (evaluate, predict, export to TorchScript) needs only the install
-requirements; training adds ``[train]``; the Hub, ONNX and whole-slide readers are extras.
+requirements; training adds ``[train]`` (no triton, no kornia); the Hub, ONNX and whole-slide
+readers are extras; ``[test]`` is everything the test suite needs (the docs build included).
 """
 from setuptools import setup
 
-TRAIN = ["matplotlib", "tqdm", "PyYAML"]
+# training on the CPU: no triton (torch's CUDA wheels bring their own), no kornia (tests only);
+# imagecodecs decodes the compressed TIFFs of real datasets and slides (LZW, JPEG, ...)
+TRAIN = ["matplotlib", "tqdm", "PyYAML", "imagecodecs"]
 HUB = ["huggingface_hub"]
-ONNX = ["onnx", "onnxruntime"]
+# onnxscript: torch.onnx.export(dynamo=True), the default ONNX exporter
+ONNX = ["onnx", "onnxscript", "onnxruntime"]
+DOCS = ["mkdocs"]
 INSTANCES = ["scipy"]
 
 setup(
@@ -41,8 +46,9 @@ setup(
         # Triton ships with CUDA builds of torch; on the CPU it runs the kernels in its interpreter.
         "triton": ["triton"],
         "bench": ["pytest-benchmark", "nvidia-ml-py"],
+        "docs": DOCS,
         # kornia only to check the torch augmentation against its warp_affine
         "test": ["pytest", "hypothesis", "triton", "pytest-benchmark", "kornia", *TRAIN, *HUB, *ONNX,
-                 *INSTANCES],
+                 *INSTANCES, *DOCS],
     },
 )

@@ -91,7 +91,7 @@ def test_dice_does_not_depend_on_the_window(tmp_path):
     2 epochs of 30 steps: the same Dice at its training crop, twice it and the whole image
     (held-out images three times the crop's side, pooled), and 512-pixel windows saved as the
     default for predict and evaluate. The full default run: 0.899 / 0.900 at 64 / 128 on the 48
-    validation images, 0.915 at 64, 128, 256 and 512 on six 512x512 ones (README, Window size)."""
+    validation images, 0.915 at 64, 128, 256 and 512 on six 512x512 ones (docs/evaluation.md, Window size)."""
     crop, out = SYNTHETIC["image_size"], tmp_path / "run"
     assert SYNTHETIC["padding_mode"] == "reflect"
     assert train(["--t", "5", "--epochs", "2", "--steps", "30", "--n-train", "128", "--n-val", "4",

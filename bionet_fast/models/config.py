@@ -72,7 +72,7 @@ class BiONetConfig(JsonConfig):
     backend: str = "auto"
     # How the 3x3 convs pad and the UP deconvs fill their last row/column: "zeros" (the official
     # network) or "reflect" / "replicate" (borders look like image, so the deep features of a small
-    # training crop match those of a large window: README.md, "Window size").
+    # training crop match those of a large window: docs/evaluation.md, "Window size").
     padding_mode: str = "zeros"
 
     def __post_init__(self) -> None:

@@ -1,5 +1,5 @@
 """Saving and loading model weights: `config.json` beside `model.safetensors` (and a model card,
-README.md), written atomically.
+README.md, with huggingface_hub), written atomically.
 
 config.json = {"architecture": ..., <the model config's architecture fields>, "inference": {...}}:
 the "inference" block (`InferenceInfo`: task, sr_scale, threshold, value range, tile size, metrics)

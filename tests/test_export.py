@@ -176,6 +176,19 @@ def test_cli_exports_a_super_resolution_folder(tmp_path, capsys):
     assert callable(bionet_fast.export)
 
 
+def test_cli_onnx_exporter_flag_and_metadata_in_the_file(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    BiONet(iterations=1, multiplier=0.125, depth=2).eval().save_pretrained(tmp_path / "run")
+    from bionet_fast.export import main
+
+    out = tmp_path / "m.onnx"
+    assert main(["--checkpoint", str(tmp_path / "run"), "--format", "onnx", "--onnx-exporter", "torchscript",
+                 "--out", str(out)]) == 0
+    assert "largest difference from PyTorch" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["onnx_exporter"] == "torchscript"
+    assert read_file_metadata(out)["input"]["size_multiple"] == 8
+
+
 BLOCKED = ("matplotlib", "kornia", "tqdm", "yaml", "huggingface_hub", "onnx", "onnxruntime", "onnxscript")
 SCRIPT = """
 import sys

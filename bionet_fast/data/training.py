@@ -126,11 +126,11 @@ def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset, str, str]:
                              f"be batched whole; pass --image-size (a multiple of {m}, e.g. {4 * m}) to train "
                              "on random crops")
     if cfg.valid_data:
-        val = SegmentationDataset(cfg.valid_data, cfg.data_format, train=False, **kw)
+        val = SegmentationDataset(cfg.valid_data, cfg.data_format, train=False, return_instances=True, **kw)
         return train, val, train.describe(), val.describe()
     if len(train.samples) < 2:
         raise ValueError(f"{cfg.train_data} holds one image: pass --valid-data DIR for validation")
-    full = SegmentationDataset(cfg.train_data, cfg.data_format, train=False, **kw)
+    full = SegmentationDataset(cfg.train_data, cfg.data_format, train=False, return_instances=True, **kw)
     order = np.random.default_rng(cfg.seed).permutation(len(full))
     n_val = max(1, len(full) // 10)
     return (Subset(train, order[n_val:].tolist()), Subset(full, order[:n_val].tolist()),

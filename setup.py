@@ -12,7 +12,8 @@ from setuptools import setup
 TRAIN = ["matplotlib", "tqdm", "PyYAML"]
 HUB = ["huggingface_hub"]
 ONNX = ["onnx", "onnxruntime"]
-INSTANCES = ["scipy"]
+# scipy: predict's objects; scikit-image: Aperio XML / QuPath GeoJSON annotations drawn as labels
+INSTANCES = ["scipy", "scikit-image"]
 
 setup(
     name="bionet_fast",
@@ -29,12 +30,14 @@ setup(
         "safetensors",
         "Pillow",
         "tifffile",
+        # tifffile's codecs: LZW (MoNuSeg's TIFFs), JPEG, JPEG 2000, deflate ... are imagecodecs'
+        "imagecodecs",
     ],
     extras_require={
         "train": TRAIN,
         "hub": HUB,
         "onnx": ONNX,
-        # predict --instances / --geojson / --measurements
+        # predict --instances / --geojson / --measurements; training on Aperio XML / QuPath GeoJSON
         "instances": INSTANCES,
         # SVS / NDPI / MRXS whole slides (TIFF, BigTIFF, OME-TIFF need only tifffile)
         "slides": ["tiffslide"],

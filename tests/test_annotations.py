@@ -258,3 +258,23 @@ def test_predict_geojson_read_back_gives_the_same_instances(tmp_path):
     ds = SegmentationDataset(data, train=False, return_instances=True)
     assert ds.fmt == "annotated" and labels.max() == 5
     np.testing.assert_array_equal(ds[0][2].numpy(), labels)
+
+
+def test_train_on_monuseg_as_downloaded_validates_objects(tmp_path):
+    """The one command of docs/real-data.md, tiny: MoNuSeg's folders as unpacked, validated on the
+    flat test folder; every epoch record holds AJI, PQ and object F1 beside Dice."""
+    from bionet_fast.train import main as train
+
+    root = _monuseg_train(tmp_path / "MoNuSeg 2018 Training Data")
+    test = tmp_path / "MoNuSegTestData"
+    test.mkdir()
+    tifffile.imwrite(test / "TCGA-t.tif", _rgb(), photometric="rgb", compression="lzw")
+    _aperio(test / "TCGA-t.xml", [(_square(2, 2, 8, 8), False), (_square(10, 3, 15, 9), False)])
+    out = tmp_path / "run"
+    assert train(["--train-data", str(root), "--valid-data", str(test), "--t", "2", "--multiplier", "0.125",
+                  "--depth", "2", "--batch-size", "2", "--steps", "1", "--epochs", "1", "--image-size", "16",
+                  "--workers", "0", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("dice", "aji", "pq", "object_f1"):
+        assert 0.0 <= record[key] <= 1.0, key
+    assert record["n_true_objects"] == 2

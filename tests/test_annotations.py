@@ -278,3 +278,18 @@ def test_train_on_monuseg_as_downloaded_validates_objects(tmp_path):
     for key in ("dice", "aji", "pq", "object_f1"):
         assert 0.0 <= record[key] <= 1.0, key
     assert record["n_true_objects"] == 2
+
+
+def test_binary_mask_among_instance_maps_gives_its_components(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(_rgb()).save(tmp_path / "images" / f"{name}.png")
+    _aperio(tmp_path / "masks" / "a.xml", [(_square(2, 2, 8, 8), False)])
+    binary = np.zeros((16, 20), np.uint8)
+    binary[1:4, 1:4], binary[8:12, 5:15] = 255, 255
+    Image.fromarray(binary).save(tmp_path / "masks" / "b.png")
+    ds = SegmentationDataset(tmp_path, train=False, return_instances=True)
+    assert ds.has_instances
+    inst = ds[1][2].numpy()
+    assert inst.max() == 2 and set(np.unique(inst[1:4, 1:4])) == {1} and set(np.unique(inst[8:12, 5:15])) == {2}

@@ -174,18 +174,23 @@ def rasterize(objects: list, shape: tuple[int, int], negative: Optional[list] = 
     h, w = shape
     labels = np.zeros((h, w), np.int32)
     for k, polys in enumerate(objects, start=1):
-        mask = np.zeros((h, w), bool)
+        rings = [np.asarray(r, np.float64) - 0.5 for poly in polys for r in poly if len(r) >= 3]
+        if not rings:  # pixel centres sit at integer coordinates, hence the - 0.5
+            continue
+        pts = np.concatenate(rings)
+        # draw in the object's bounding box only (MoNuSeg: hundreds of small nuclei per image)
+        y0, x0 = (max(int(np.floor(v)), 0) for v in pts.min(0)[::-1])
+        y1, x1 = min(int(np.ceil(pts[:, 1].max())) + 1, h), min(int(np.ceil(pts[:, 0].max())) + 1, w)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        mask = np.zeros((y1 - y0, x1 - x0), bool)
         for poly in polys:
-            for j, ring in enumerate(poly):
-                if len(ring) < 3:
-                    continue
-                xy = np.asarray(ring, np.float64) - 0.5  # pixel centres sit at integer coordinates
-                rr, cc = draw(xy[:, 1], xy[:, 0], shape=(h, w))
+            for j, ring in enumerate(r for r in poly if len(r) >= 3):
+                xy = np.asarray(ring, np.float64) - 0.5
+                rr, cc = draw(xy[:, 1] - y0, xy[:, 0] - x0, shape=mask.shape)
                 mask[rr, cc] = j == 0  # the outer ring fills, the holes clear
-        if negative is not None and negative[k - 1]:
-            labels[mask] = 0
-        else:
-            labels[mask] = k
+        box = labels[y0:y1, x0:x1]
+        box[mask] = 0 if negative is not None and negative[k - 1] else k
     return labels
 
 

@@ -30,7 +30,7 @@ are kept beside it for the object metrics (``return_instances``).
 
 Reading and decoding the files (and what a mask's foreground is) is :mod:`bionet_fast.readers`.
 
-A leaf of the package: it imports only the rest of the data layer.
+A leaf of the package: it imports only the rest of the data layer (and metrics.label_components).
 """
 from __future__ import annotations
 

@@ -53,17 +53,23 @@ class SyntheticCrops(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    @property
+    def has_instances(self) -> bool:
+        """Whether the items carry instance labels (image, mask, labels) for the object metrics."""
+        return bool(getattr(self.base, "has_instances", False)) and not self.sr_scale
+
     def __getitem__(self, i: int):
-        image, mask = self.base[i]
+        image, mask, *labels = self.base[i]
         size = image.shape[-1]
         if self.crop and self.crop < size:
             y, x = np.random.default_rng([self.seed, self.epoch, i]).integers(0, size - self.crop + 1, 2)
             image, mask = (t[:, y:y + self.crop, x:x + self.crop] for t in (image, mask))
+            labels = [t[..., y:y + self.crop, x:x + self.crop] for t in labels]
         if self.sr_scale:
             from .datasets import degrade_bicubic
 
             return degrade_bicubic(image, self.sr_scale), image
-        return image, mask
+        return (image, mask, *labels)
 
 
 @dataclass(frozen=True)
@@ -95,10 +101,11 @@ SYNTHETIC_HELDOUT_SEED = 2**31 - 1  # never a training seed of the synthetic run
 def synthetic_heldout(n: int = 48, size: int = 128, channels: int = 3, sr_scale: Optional[int] = None
                       ) -> tuple[Dataset, str]:
     """The held-out synthetic images the synthetic runs validate on (whole `size` x `size`
-    images), and their description; `evaluate --data synthetic` scores the same ones."""
+    images, with their instance labels for segmentation), and their description; `evaluate --data
+    synthetic` scores the same ones."""
     from .synthetic import SyntheticNucleiDataset
 
-    held = SyntheticNucleiDataset(n, size, seed=SYNTHETIC_HELDOUT_SEED, channels=channels)
+    held = SyntheticNucleiDataset(n, size, seed=SYNTHETIC_HELDOUT_SEED, channels=channels, instances=not sr_scale)
     return SyntheticCrops(held, None, 0, sr_scale), held.describe() + " (held out)"
 
 

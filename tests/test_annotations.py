@@ -166,7 +166,7 @@ def test_monuseg_training_folders_as_downloaded(tmp_path):
     root = _monuseg_train(tmp_path / "MoNuSeg 2018 Training Data")
     assert detect_format(root) == "folder"
     ds = SegmentationDataset(root, train=False, return_instances=True)
-    assert ds.has_instances and "instance labels" in ds.describe()
+    assert ds.has_instances and "instance labels" in ds.describe() and ds.mpp == pytest.approx(0.2521)
     image, target, inst = ds[1]
     want = np.zeros((16, 20), np.int32)
     want[2:8, 3:8] = 1

@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 
 __all__ = ["Annotation", "read_annotation", "read_aperio_xml", "read_geojson", "rasterize", "parse_annotation",
-           "read_target", "instance_map", "class_index", "ANNOTATION_EXTS", "is_annotation"]
+           "read_target", "instance_map", "class_index", "stated_mpp", "ANNOTATION_EXTS", "is_annotation"]
 
 ANNOTATION_EXTS = (".xml", ".geojson", ".json")
 
@@ -267,3 +267,20 @@ def class_index(paths, classes: int) -> dict:
                          f"{classes} leaves room for {classes - 1} besides background: pass --classes "
                          f"{len(names) + 1}")
     return {n: i for i, n in enumerate(names, start=1)}
+
+
+def stated_mpp(paths) -> Optional[float]:
+    """The pixel size (µm) the Aperio XML files among ``paths`` state (MicronsPerPixel on their
+    root element; MoNuSeg's do), read without parsing the regions: their median, None if none."""
+    values = []
+    for p in paths:
+        if p is None or Path(p).suffix.lower() != ".xml":
+            continue
+        try:
+            with open(p, "rb") as f:  # the root element only
+                _, root = next(ET.iterparse(f, events=("start",)))
+                values.append(float(root.attrib["MicronsPerPixel"]))
+        except (ET.ParseError, OSError, StopIteration, KeyError, ValueError):
+            continue
+    values = [v for v in values if v > 0]
+    return float(np.median(values)) if values else None

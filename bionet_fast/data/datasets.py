@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .annotations import class_index, read_target
+from .annotations import class_index, read_target, stated_mpp
 from .readers import (IMAGE_EXTS, TIFF_EXTS, binarize, count_pages, label_map, match_channels, read_image,
                       read_stack, to_float)
 
@@ -319,7 +319,8 @@ class SegmentationDataset(Dataset):
     or an instance label map); with ``return_instances`` the items of such a dataset are
     ``(image, target, instances)``, instances int32 (H, W) (cropped as the target; a binary mask of
     that dataset gives its 4-connected components). ``class_names``: with ``classes`` > 1 and
-    annotation files, the class names in index order (index 1 first), sorted.
+    annotation files, the class names in index order (index 1 first), sorted. ``mpp``: the pixel
+    size (µm) the Aperio XML annotations state (their median), else None.
     """
 
     def __init__(self, root, fmt: str = "auto", *, in_channels: int = 3,
@@ -339,6 +340,7 @@ class SegmentationDataset(Dataset):
         self.class_index = class_index([s.mask for s in self.samples if s.mask], classes) if classes > 1 and seg else {}
         self.class_names = list(self.class_index)
         self.has_instances, self.return_instances = False, return_instances
+        self.mpp = stated_mpp(s.mask for s in self.samples)  # µm per pixel, where Aperio XML states it
         self.shapes: list[tuple[int, int]] = []  # (H, W) of every sample
         self._arrays = self._load_all()
         self.items = [(i, 0, 0) for i in range(len(self.samples))]

@@ -140,7 +140,7 @@ def _dataset(args, model, task: str, scale: int):
     """(dataset, description, names of its items) of --data (a folder, or 'synthetic')."""
     sr = scale if task == "super-resolution" else None
     if args.data == "synthetic":
-        ds, text = synthetic_heldout(channels=model.config.in_channels, sr_scale=sr)
+        ds, text = synthetic_heldout(channels=model.config.in_channels, sr_scale=sr, instances=True)
         return ds, text, [f"synthetic{i:02d}" for i in range(len(ds))]
     ds = SegmentationDataset(args.data, args.data_format, in_channels=model.config.in_channels,
                              task=task, sr_scale=scale, train=False, return_instances=True,

@@ -183,6 +183,22 @@ def test_synthetic_instance_labels_match_the_masks_and_split_touching_nuclei():
     n_objects = sum(len(np.unique(lab)) - 1 for lab in labels)
     n_components = sum(int(label_components(m > 0).max()) for m in masks)
     assert n_objects > n_components  # touching nuclei: more instances than components
-    held, _ = synthetic_heldout(2, 64)
+    assert len(synthetic_heldout(2, 64)[0][0]) == 2  # pairs unless asked
+    held, _ = synthetic_heldout(2, 64, instances=True)
     image, mask, inst = held[0]
     assert held.has_instances and inst.shape == (64, 64) and torch.equal(mask[0] > 0, inst > 0)
+
+
+def test_evaluate_synthetic_reports_objects(tmp_path):
+    from bionet_fast.evaluate import main as evaluate
+    from bionet_fast.models import BiONet
+
+    ckpt = tmp_path / "model"
+    BiONet(in_channels=3, classes=1, iterations=1, multiplier=0.125, depth=2,
+           backend="reference").save_pretrained(ckpt)
+    out = tmp_path / "eval"
+    assert evaluate(["--checkpoint", str(ckpt), "--data", "synthetic", "--out", str(out), "--device", "cpu",
+                     "--quiet", "--batch-size", "16"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == 48 and metrics["n_true_objects"] > 48 and 0 <= metrics["aji"] <= 1
+    assert len(list(csv.DictReader((out / "per_image.csv").open()))) == 48

@@ -98,14 +98,15 @@ class DataConfig:
 SYNTHETIC_HELDOUT_SEED = 2**31 - 1  # never a training seed of the synthetic runs
 
 
-def synthetic_heldout(n: int = 48, size: int = 128, channels: int = 3, sr_scale: Optional[int] = None
-                      ) -> tuple[Dataset, str]:
+def synthetic_heldout(n: int = 48, size: int = 128, channels: int = 3, sr_scale: Optional[int] = None,
+                      instances: bool = False) -> tuple[Dataset, str]:
     """The held-out synthetic images the synthetic runs validate on (whole `size` x `size`
-    images, with their instance labels for segmentation), and their description; `evaluate --data
-    synthetic` scores the same ones."""
+    images), and their description; `evaluate --data synthetic` scores the same ones. Items are
+    (image, mask), or (image, mask, instance labels) with `instances` (segmentation only)."""
     from .synthetic import SyntheticNucleiDataset
 
-    held = SyntheticNucleiDataset(n, size, seed=SYNTHETIC_HELDOUT_SEED, channels=channels, instances=not sr_scale)
+    held = SyntheticNucleiDataset(n, size, seed=SYNTHETIC_HELDOUT_SEED, channels=channels,
+                                  instances=instances and not sr_scale)
     return SyntheticCrops(held, None, 0, sr_scale), held.describe() + " (held out)"
 
 
@@ -118,7 +119,7 @@ def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset, str, str]:
 
         size = max(128, cfg.image_size)
         base = SyntheticNucleiDataset(cfg.n_train, size, seed=cfg.seed, channels=cfg.in_channels)
-        held, held_text = synthetic_heldout(cfg.n_val, size, cfg.in_channels, sr)
+        held, held_text = synthetic_heldout(cfg.n_val, size, cfg.in_channels, sr, instances=True)
         return (SyntheticCrops(base, cfg.image_size, cfg.seed, sr), held,
                 base.describe() + f", random {cfg.image_size}x{cfg.image_size} crops", held_text)
     from .datasets import SegmentationDataset

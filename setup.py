@@ -8,16 +8,17 @@ Dependencies: inference (evaluate, predict, export to TorchScript) needs only th
 requirements; training adds ``[train]`` (no triton, no kornia); the Hub, ONNX and whole-slide
 readers are extras; ``[test]`` is everything the test suite needs (the docs build included).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
+# scipy: predict's objects; scikit-image: Aperio XML / QuPath GeoJSON annotations drawn as labels
+INSTANCES = ["scipy", "scikit-image"]
 # training on the CPU: no triton (torch's CUDA wheels bring their own), no kornia (tests only);
-# imagecodecs decodes the compressed TIFFs of real datasets and slides (LZW, JPEG, ...)
-TRAIN = ["matplotlib", "tqdm", "PyYAML", "imagecodecs"]
+# imagecodecs and the instance extras, so that real annotated data (MoNuSeg's XML, QuPath's GeoJSON) trains as installed
+TRAIN = ["matplotlib", "tqdm", "PyYAML", "imagecodecs", "scipy", "scikit-image"]
 HUB = ["huggingface_hub"]
 # onnxscript: torch.onnx.export(dynamo=True), the default ONNX exporter
 ONNX = ["onnx", "onnxscript", "onnxruntime"]
 DOCS = ["mkdocs"]
-INSTANCES = ["scipy"]
 
 setup(
     name="bionet_fast",
@@ -25,8 +26,7 @@ setup(
     description="BiO-Net (bi-directional O-shape U-Net) with fused Triton kernels and "
     "activation checkpointing across recurrent iterations",
     python_requires=">=3.10",
-    packages=["bionet_fast", "bionet_fast.blocks", "bionet_fast.data", "bionet_fast.engine",
-              "bionet_fast.models", "bionet_fast.utils", "bionet_fast.kernels"],
+    packages=sorted({*find_packages(include=["bionet_fast", "bionet_fast.*"]), "bionet_fast.kernels"}),
     package_dir={"bionet_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -34,12 +34,14 @@ setup(
         "safetensors",
         "Pillow",
         "tifffile",
+        # tifffile's codecs: LZW (MoNuSeg's TIFFs), JPEG, JPEG 2000, deflate ... are imagecodecs'
+        "imagecodecs",
     ],
     extras_require={
         "train": TRAIN,
         "hub": HUB,
         "onnx": ONNX,
-        # predict --instances / --geojson / --measurements
+        # predict --instances / --geojson / --measurements; training on Aperio XML / QuPath GeoJSON
         "instances": INSTANCES,
         # SVS / NDPI / MRXS whole slides (TIFF, BigTIFF, OME-TIFF need only tifffile)
         "slides": ["tiffslide"],

@@ -9,9 +9,15 @@ Prints the scores and writes OUT/metrics.json:
   dice, iou      nuclei (foreground) overlap, predictions thresholded at 0.5, counted over all
                  pixels of all images together (as in the BiO-Net paper); *_per_image: the mean
                  of the per-image scores
+  aji, pq, dq, sq, object_precision, object_recall, object_f1
+                 nuclei as objects, where the masks hold instances (Aperio XML, QuPath GeoJSON,
+                 instance label maps): AJI (Kumar et al. 2017), panoptic quality and object F1 at
+                 IoU > 0.5, pooled over all images; *_per_image: the means of the per-image scores
+                 (definitions: docs/real-data.md). Predicted objects: engine.instance_eval
   rand_f         EM membranes (TIFF stacks): foreground-restricted Rand F-score of the cells
   psnr           super-resolution, beside psnr_bicubic (the plain bicubic upsampling)
   n_images       how many images (or stack slices) were scored
+and OUT/per_image.csv (segmentation): one row per image, its Dice and IoU (and object scores).
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ if __name__ == "__main__":  # this program's own process only, before torch load
     configure_cli_process()
 
 import argparse
+import csv
+import io
 import sys
 from pathlib import Path
 
@@ -28,13 +36,14 @@ import torch
 from .utils.progress import tqdm
 
 from .engine.writers import write_outputs
-from .utils.files import write_json
+from .utils.files import atomic_write, write_json
 from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, check_multiple, check_numbers, check_writable,
                    inference_options, model_threshold)
 from .data import SegmentationDataset
 from .data.training import synthetic_heldout, uniform_sizes
 from .engine.cuda_graph import graphed_forward
 from .engine.inference import TASKS, evaluate_loader, load_for_inference, summarize
+from .engine.instance_eval import object_meter
 from .engine.precision import PRECISIONS, autocast_context, prepare_model, resolve_precision
 
 
@@ -51,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where metrics.json (and predictions) go "
                    "(default: CHECKPOINT/eval-<data folder name>; beside a .pt file)")
     p.add_argument("--data-format", "--format", default="auto",
-                   choices=("auto", "folder", "tnbc", "tiff-stack"), help="dataset layout (default: auto)")
+                   choices=("auto", "folder", "tnbc", "tiff-stack", "annotated"),
+                   help="dataset layout (default: auto)")
     p.add_argument("--task", choices=TASKS, help="default: the task the checkpoint was trained for")
     p.add_argument("--sr-scale", type=int, help="super-resolution factor (default: the training one)")
     p.add_argument("--tile-size", type=int,
@@ -98,14 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     saver = _PredictionSaver(out / "predictions", names, task, threshold) if args.save_predictions else None
     forward = graphed_forward(model, device, args.cuda_graph)
     prepare_model(model, precision != "fp32")
+    objects = object_meter(threshold, objects=getattr(ds, "has_instances", False)) \
+        if task == "segmentation" else None
     meters, loss_sum, n, _ = evaluate_loader(model, loader, task, device, tile, args.overlap, forward=forward,
                                              rand=rand, on_batch=saver, channels_last=precision != "fp32",
-                                             autocast=autocast_context(precision, device), threshold=threshold)
+                                             autocast=autocast_context(precision, device), threshold=threshold,
+                                             objects=objects)
     result = summarize(meters, loss_sum, n)
     result.update(checkpoint=str(args.checkpoint), data=str(args.data), task=task, precision=precision,
                   **({"threshold": threshold} if task == "segmentation" else {}))
     write_json(out / "metrics.json", result)
-    keys = ("psnr", "psnr_bicubic") if task == "super-resolution" else ("dice", "iou", "rand_f")
+    if objects is not None:
+        write_per_image(out / "per_image.csv", names, objects.rows)
+    keys = ("psnr", "psnr_bicubic") if task == "super-resolution" else ("dice", "iou", "rand_f", "aji", "pq",
+                                                                         "object_f1")
     print("  ".join(f"{k} {result[k]:.4f}" for k in keys if k in result) + f"  ({n} images)")
     print(f"wrote {out / 'metrics.json'}" + (f" and predictions in {out / 'predictions'}" if saver else ""))
     return 0
@@ -129,12 +145,23 @@ def _dataset(args, model, task: str, scale: int):
     """(dataset, description, names of its items) of --data (a folder, or 'synthetic')."""
     sr = scale if task == "super-resolution" else None
     if args.data == "synthetic":
-        ds, text = synthetic_heldout(channels=model.config.in_channels, sr_scale=sr)
+        ds, text = synthetic_heldout(channels=model.config.in_channels, sr_scale=sr, instances=True)
         return ds, text, [f"synthetic{i:02d}" for i in range(len(ds))]
     ds = SegmentationDataset(args.data, args.data_format, in_channels=model.config.in_channels,
-                             task=task, sr_scale=scale, train=False,
+                             task=task, sr_scale=scale, train=False, return_instances=True,
                              classes=model.config.classes if task == "segmentation" else 1)
     return ds, ds.describe(), [ds.samples[i].name for i, _, _ in ds.items]
+
+
+def write_per_image(path: Path, names: list[str], rows: list[dict]) -> Path:
+    """per_image.csv: the image's name, then the scores of its row (atomically written)."""
+    columns = list(rows[0]) if rows else []
+    buf = io.StringIO()
+    table = csv.writer(buf, lineterminator="\n")
+    table.writerow(["image", *columns])
+    for name, row in zip(names, rows):
+        table.writerow([name, *(f"{row[c]:.6g}" if isinstance(row[c], float) else row[c] for c in columns)])
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
 
 class _PredictionSaver:

@@ -8,17 +8,21 @@ A leaf module: it imports nothing of bionet_fast.
 * Rand F-score (EM membranes): the foreground-restricted Rand F-score of the ISBI 2012 / CREMI
   challenges (Arganda-Carreras et al. 2015), on the connected components of both label maps.
 * PSNR (super-resolution): 10 log10(1 / MSE) for images in [0, 1], the MSE taken over the whole set.
+* Objects (nuclei as instances, `object_scores` / `ObjectMeter`): AJI (Kumar et al. 2017, MoNuSeg's
+  challenge metric), PQ = DQ x SQ (Kirillov et al. 2019, matching at IoU > 0.5) and object precision /
+  recall / F1 at IoU > 0.5 (F1 equals DQ). Definitions at `object_counts`.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 __all__ = ["binary_counts", "dice_iou", "SegmentationMeter", "PSNRMeter", "psnr", "label_components",
-           "rand_f_score", "RandMeter"]
+           "rand_f_score", "RandMeter", "object_counts", "object_scores", "scores_from_counts", "ObjectMeter",
+           "OBJECT_COUNTS"]
 
 
 # --- IoU and Dice ---------------------------------------------------------------------------------
@@ -270,3 +274,121 @@ class RandMeter:
     def compute(self, counts: Optional[np.ndarray] = None) -> dict[str, float]:
         state = self.state() if counts is None else counts
         return {**_rand_from_sums(state[:3]), "n_images": int(state[3])}
+
+
+# --- objects: AJI, PQ, object F1 -------------------------------------------------------------------
+OBJECT_COUNTS = ("aji_inter", "aji_union", "tp", "fp", "fn", "iou_sum", "n_true", "n_pred")
+
+
+def _index(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Label map -> (flat index 0..n, 0 = background, object k the k-th smallest id; areas (n,))."""
+    ids, inv = np.unique(np.asarray(labels).ravel(), return_inverse=True)
+    if ids.size == 0 or ids[0] != 0:  # no background pixel: index 0 stays background
+        inv, ids = inv + 1, np.concatenate([[0], ids])
+    return inv.ravel(), np.bincount(inv.ravel(), minlength=len(ids))[1:].astype(np.float64)
+
+
+def object_counts(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The counts behind AJI, PQ and object F1 of one image, in OBJECT_COUNTS order (summable over
+    images). pred, truth: (H, W) integer label maps, 0 = background, any ids.
+
+    AJI (Kumar et al. 2017): each true nucleus G is paired with the prediction S of highest IoU with
+    it (ties: the smallest id; none if it overlaps none); aji_inter = sum |G & S|, aji_union = sum
+    |G | S| over the pairs + |G| of the unpaired true nuclei + |S| of the predictions paired with no
+    nucleus. A prediction may pair with several nuclei (it is then counted in each union), as in the
+    MoNuSeg challenge code. AJI = aji_inter / aji_union.
+    PQ and F1: a prediction and a nucleus match when their IoU exceeds 0.5 (such a match is unique);
+    tp matches, fp unmatched predictions, fn unmatched nuclei, iou_sum the IoUs of the matches.
+    """
+    if np.shape(pred) != np.shape(truth):
+        raise ValueError(f"prediction shape {np.shape(pred)} differs from truth shape {np.shape(truth)}")
+    pi, pa = _index(pred)
+    ti, ta = _index(truth)
+    both = (pi > 0) & (ti > 0)
+    keys, inter = np.unique(ti[both] * (len(pa) + 1) + pi[both], return_counts=True)
+    t, p = keys // (len(pa) + 1) - 1, keys % (len(pa) + 1) - 1  # 0-based object indices
+    inter = inter.astype(np.float64)
+    union = ta[t] + pa[p] - inter
+    iou = inter / union
+    best = np.lexsort((p, -iou, t))  # per nucleus: highest IoU first, then the smallest id
+    first = best[np.r_[True, t[best][1:] != t[best][:-1]]] if len(t) else best
+    paired_pred = np.zeros(len(pa), bool)
+    paired_pred[p[first]] = True
+    paired_true = np.zeros(len(ta), bool)
+    paired_true[t[first]] = True
+    c = inter[first].sum()
+    u = union[first].sum() + ta[~paired_true].sum() + pa[~paired_pred].sum()
+    match = iou > 0.5
+    tp = int(match.sum())
+    return np.array([c, u, tp, len(pa) - tp, len(ta) - tp, iou[match].sum(), len(ta), len(pa)], np.float64)
+
+
+def scores_from_counts(counts: np.ndarray) -> dict[str, float]:
+    """AJI, PQ, DQ, SQ, object precision / recall / F1 from (summed) `object_counts`. Nothing to find
+    and nothing found scores 1.0 everywhere (as Dice here); otherwise an empty ratio scores 0."""
+    c, u, tp, fp, fn, iou_sum, n_true, n_pred = (float(v) for v in counts)
+    if n_true == 0 and n_pred == 0:
+        return {"aji": 1.0, "pq": 1.0, "dq": 1.0, "sq": 1.0, "object_precision": 1.0, "object_recall": 1.0,
+                "object_f1": 1.0}
+    dq = tp / (tp + 0.5 * fp + 0.5 * fn)
+    sq = iou_sum / tp if tp else 0.0
+    return {"aji": c / u if u else 0.0, "pq": dq * sq, "dq": dq, "sq": sq,
+            "object_precision": tp / (tp + fp) if tp + fp else 0.0,
+            "object_recall": tp / (tp + fn) if tp + fn else 0.0, "object_f1": dq}
+
+
+def object_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """AJI, PQ (DQ, SQ), object precision / recall / F1 of one image: label maps (H, W), 0 = background."""
+    return scores_from_counts(object_counts(pred, truth))
+
+
+class ObjectMeter:
+    """Per-image rows and pooled object scores over batches.
+
+    `update(probs (B, K, H, W), truth (B, [1,] H, W))`: with `objects`, truth holds instance labels
+    (0 = background) and the predicted objects are `to_instances(probs[b] as numpy (K, H, W))` (the
+    engine's `probs_to_instances`); without, truth is the target and only pixel rows are kept.
+    Every image gets a row in `rows`: its foreground pixel Dice and IoU (probability > threshold, or
+    argmax > 0 with K > 1, against truth > 0) and, with `objects`, its object scores and counts.
+    `compute()` -> the pooled scores (`object_counts` summed over the images, then one score each)
+    and their per-image means (`aji_per_image`, `pq_per_image`, `object_f1_per_image`); {} without
+    `objects` (the pooled pixel scores are SegmentationMeter's).
+    """
+
+    def __init__(self, to_instances: Callable[[np.ndarray], np.ndarray], threshold: float = 0.5,
+                 objects: bool = True):
+        self.to_instances, self.threshold, self.objects = to_instances, threshold, objects
+        self.counts, self.per_image, self.n_images = np.zeros(len(OBJECT_COUNTS)), np.zeros(3), 0
+        self.rows: list[dict] = []
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, instances: torch.Tensor) -> None:
+        probs = probs.detach().float().cpu().numpy()
+        truth = instances.detach().cpu().numpy().reshape(probs.shape[0], *probs.shape[-2:])
+        for p, t in zip(probs, truth):
+            fg = p[0] > self.threshold if p.shape[0] == 1 else p.argmax(0) > 0
+            dice, iou = dice_iou(float((fg & (t > 0.5)).sum()), float(fg.sum()), float((t > 0.5).sum()))
+            if not self.objects:
+                self.rows.append({"dice": dice, "iou": iou})
+                continue
+            counts = object_counts(self.to_instances(p), t)
+            scores = scores_from_counts(counts)
+            self.counts += counts
+            self.per_image += [scores["aji"], scores["pq"], scores["object_f1"]]
+            self.n_images += 1
+            self.rows.append({"dice": dice, "iou": iou, **scores,
+                              "n_true": int(counts[6]), "n_pred": int(counts[7]), "tp": int(counts[2])})
+
+    def state(self) -> np.ndarray:
+        return np.concatenate([self.counts, self.per_image, [self.n_images]])
+
+    def compute(self, counts: Optional[np.ndarray] = None) -> dict[str, float]:
+        if not self.objects:
+            return {}
+        state = self.state() if counts is None else np.asarray(counts, dtype=np.float64)
+        k, n = len(OBJECT_COUNTS), max(int(state[-1]), 1)
+        out = scores_from_counts(state[:k])
+        out.update(aji_per_image=float(state[k] / n), pq_per_image=float(state[k + 1] / n),
+                   object_f1_per_image=float(state[k + 2] / n), n_true_objects=int(state[6]),
+                   n_pred_objects=int(state[7]))
+        return out

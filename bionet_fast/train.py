@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     d("--train-data", "--train_data", metavar="DIR", help="training images + masks (default: synthetic)")
     d("--valid-data", "--valid_data", metavar="DIR",
       help="validation images + masks (default: 10%% of --train-data, or a synthetic held-out split)")
-    d("--data-format", "--format", default="auto", choices=("auto", "folder", "tnbc", "tiff-stack"),
-      help="dataset layout (default: auto-detect)")
+    d("--data-format", "--format", default="auto", choices=("auto", "folder", "tnbc", "tiff-stack", "annotated"),
+      help="dataset layout (default: auto-detect; MoNuSeg as downloaded, Aperio XML / QuPath GeoJSON: "
+           "docs/real-data.md)")
     d("--image-size", type=int, help="train on random square crops of this side (multiple of 2**(depth+1)); "
                                      "default: whole images (synthetic: 64)")
     d("--no-augment", action="store_true", help="turn off rotation/shift/shear/zoom/flip augmentation")

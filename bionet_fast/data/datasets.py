@@ -3,9 +3,12 @@
 Layouts (``fmt``), checked and paired before any training starts:
 
 * ``folder``: ``ROOT/x/NAME.png`` + ``ROOT/y/NAME.png`` (official MoNuSeg preprocessing), or
-  ``ROOT/images/`` + ``ROOT/masks/`` (or ``ROOT/labels/``). Image and mask are paired by file
-  stem; the mask's extension may differ (``NAME.png`` with ``NAME.tif``) and it may be named
-  ``NAME_mask.EXT``.
+  ``ROOT/images/`` + ``ROOT/masks/`` (or ``ROOT/labels/``), or MoNuSeg's training data as
+  downloaded, ``ROOT/Tissue Images/NAME.tif`` + ``ROOT/Annotations/NAME.xml``. Image and mask are
+  paired by file stem; the mask's extension may differ (``NAME.png`` with ``NAME.tif``, or an
+  Aperio ``.xml`` / QuPath ``.geojson`` annotation) and it may be named ``NAME_mask.EXT``.
+* ``annotated``: ``ROOT/NAME.tif`` + ``ROOT/NAME.xml`` (MoNuSeg's test data as downloaded) or
+  ``ROOT/NAME.EXT`` + ``ROOT/NAME.geojson`` (a QuPath export beside its image), side by side.
 * ``tnbc``: ``ROOT/Slide_XX/NAME.png`` + ``ROOT/GT_XX/NAME.png``, paired by folder number XX
   and file stem.
 * ``tiff-stack`` (EM): multi-page TIFFs, every page a sample. Either at the top level, where
@@ -15,13 +18,19 @@ Layouts (``fmt``), checked and paired before any training starts:
   ``train-labels.tif``; one image and one label stack always pair), or ``ROOT/x/NAME.tif`` +
   ``ROOT/y/NAME.tif`` (or images/ + masks/ or labels/) paired by stem.
 * ``images``: a flat folder of images without masks (prediction, super-resolution).
-* ``auto``: ``Slide_XX/`` folders: tnbc; ``x/`` or ``images/``: folder (tiff-stack if their
-  first TIFF has several pages); top-level TIFFs with a label name: tiff-stack; other top-level
-  images: images (only where masks are not required).
+* ``auto``: ``Slide_XX/`` folders: tnbc; ``x/``, ``images/`` or ``Tissue Images/``: folder
+  (tiff-stack if their first TIFF has several pages); top-level images with a same-named .xml or
+  .geojson: annotated; top-level TIFFs with a label name: tiff-stack; other top-level images:
+  images (only where masks are not required).
+
+Masks: binary masks, class label maps (--classes K), instance label maps (uint16 PNG/TIFF, the
+Cellpose/StarDist format) and annotation files (:mod:`bionet_fast.data.annotations`, rasterised
+into instance labels). The training target stays the binary (or class) mask; the instance labels
+are kept beside it for the object metrics (``return_instances``).
 
 Reading and decoding the files (and what a mask's foreground is) is :mod:`bionet_fast.readers`.
 
-A leaf of the package: it imports only bionet_fast.readers (the rest of the data layer).
+A leaf of the package: it imports only the rest of the data layer (and metrics.label_components).
 """
 from __future__ import annotations
 
@@ -35,19 +44,24 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .annotations import class_index, read_target, stated_mpp
 from .readers import (IMAGE_EXTS, TIFF_EXTS, binarize, count_pages, label_map, match_channels, read_image,
-                      read_mask, read_stack, to_float)
+                      read_stack, to_float)
 
 __all__ = ["Sample", "discover", "detect_format", "degrade_bicubic", "SegmentationDataset", "FORMATS", "LAYOUTS"]
 
-FORMATS = ("auto", "folder", "tnbc", "tiff-stack", "images")
+FORMATS = ("auto", "folder", "tnbc", "tiff-stack", "annotated", "images")
 TASKS = ("segmentation", "super-resolution")
-PAIR_DIRS = (("x", "y"), ("images", "masks"), ("images", "labels"))
+PAIR_DIRS = (("x", "y"), ("images", "masks"), ("images", "labels"), ("Tissue Images", "Annotations"))
+NOTE_EXTS = (".xml", ".geojson")  # annotation files found beside images or in a mask folder
+MASK_EXTS = IMAGE_EXTS + NOTE_EXTS
 LABEL_WORDS = {"label", "labels", "mask", "masks", "membrane", "membranes", "gt", "groundtruth"}
 IMAGE_WORDS = {"image", "images", "img", "imgs", "volume", "raw"}
 LAYOUTS = """expected one of these layouts:
-  folder:     ROOT/x/NAME.png + ROOT/y/NAME.png (official MoNuSeg), or ROOT/images/ + ROOT/masks/ (or labels/);
-              a mask may have another extension or be named NAME_mask.EXT
+  folder:     ROOT/x/NAME.png + ROOT/y/NAME.png (official MoNuSeg), or ROOT/images/ + ROOT/masks/ (or labels/),
+              or ROOT/Tissue Images/NAME.tif + ROOT/Annotations/NAME.xml (MoNuSeg as downloaded);
+              a mask may have another extension (.xml Aperio, .geojson QuPath) or be named NAME_mask.EXT
+  annotated:  ROOT/NAME.tif + ROOT/NAME.xml (MoNuSeg test data) or ROOT/NAME.png + ROOT/NAME.geojson
   tnbc:       ROOT/Slide_XX/NAME.png + ROOT/GT_XX/NAME.png
   tiff-stack: ROOT/NAME_image.tif + ROOT/NAME_label.tif multi-page stacks (also *mask*, *membrane*, *gt*;
               train-volume.tif + train-labels.tif), or ROOT/x/NAME.tif + ROOT/y/NAME.tif stacks
@@ -85,7 +99,7 @@ def discover(root, fmt: str = "auto", *, require_masks: bool = True) -> list[Sam
     if fmt == "images" and require_masks:
         raise ValueError(f"{root}: the images layout has no masks; segmentation needs masks "
                          f"({LAYOUTS})")
-    finder = {"folder": _find_folder, "tnbc": _find_tnbc, "tiff-stack": _find_stacks,
+    finder = {"folder": _find_folder, "tnbc": _find_tnbc, "tiff-stack": _find_stacks, "annotated": _find_annotated,
               "images": lambda r, _: [Sample(p) for p in _list_images(r)]}[fmt]
     samples = finder(root, require_masks)
     if not samples:
@@ -102,6 +116,9 @@ def detect_format(root, require_masks: bool = True) -> str:
         if (root / img_dir).is_dir():
             tiffs = [p for p in _list_images(root / img_dir) if p.suffix.lower() in TIFF_EXTS]
             return "tiff-stack" if tiffs and count_pages(tiffs[0]) > 1 else "folder"
+    stems = {p.stem for p in _list_images(root)}
+    if any(p.stem in stems for p in _list_images(root, NOTE_EXTS)):
+        return "annotated"
     if any(_is_label_name(p) for p in _list_images(root, TIFF_EXTS)):
         return "tiff-stack"
     if _list_images(root) and not require_masks:
@@ -128,7 +145,7 @@ def _pair_dirs(root: Path, layout: str, require_masks: bool) -> tuple[Path, Opti
     raise FileNotFoundError(f"{root}: no image folder x/ or images/ ({layout} layout); {LAYOUTS}")
 
 
-def _pair_files(images: list[Path], mask_dir: Path, layout: str, exts=IMAGE_EXTS) -> list[Sample]:
+def _pair_files(images: list[Path], mask_dir: Path, layout: str, exts=MASK_EXTS) -> list[Sample]:
     """Pair each image with ``mask_dir/STEM.*`` or ``mask_dir/STEM_mask.*``; both directions."""
     masks: dict[str, Path] = {}
     for m in _list_images(mask_dir, exts):
@@ -158,6 +175,26 @@ def _find_folder(root: Path, require_masks: bool) -> list[Sample]:
     if not images and not _list_images(mask_dir):
         return []
     return _pair_files(images, mask_dir, "folder")
+
+
+def _find_annotated(root: Path, require_masks: bool) -> list[Sample]:
+    """ROOT/NAME.EXT images, each with ROOT/NAME.xml or ROOT/NAME.geojson beside it."""
+    images, notes = _list_images(root), {}
+    for note in _list_images(root, NOTE_EXTS):
+        if note.stem in notes:
+            raise ValueError(f"ambiguous annotations {notes[note.stem]} and {note} (annotated layout)")
+        notes[note.stem] = note
+    samples = []
+    for img in images:
+        if img.stem not in notes and require_masks:
+            raise ValueError(f"image {img} has no annotation: looked for {root / img.stem}.xml and "
+                             f"{root / img.stem}.geojson (annotated layout); {LAYOUTS}")
+        samples.append(Sample(img, notes.pop(img.stem, None)))
+    if notes:
+        note = next(iter(notes.values()))
+        raise ValueError(f"annotation {note} has no image: looked for {root / note.stem}.* "
+                         f"(annotated layout); {LAYOUTS}")
+    return samples
 
 
 def _find_tnbc(root: Path, require_masks: bool) -> list[Sample]:
@@ -243,6 +280,13 @@ def degrade_bicubic(hr: torch.Tensor, scale: int) -> torch.Tensor:
 
 
 
+def _compact(labels: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """Instance labels cached as uint16 where their ids fit (half the memory of int32)."""
+    if labels is None or labels.max(initial=0) > np.iinfo(np.uint16).max:
+        return labels
+    return labels.astype(np.uint16)
+
+
 def _tiles(length: int, size: int) -> list[int]:
     """Top/left corners of tiles of ``size`` covering ``length`` (the last tile is flush)."""
     if length <= size:
@@ -270,11 +314,19 @@ class SegmentationDataset(Dataset):
     Validation items (``train=False``) are the S x S tiles covering every image (the last tile
     of a row/column flush with the edge, so tiles may overlap); without ``image_size``, whole
     images. ``cache=False`` re-reads files in ``__getitem__`` (they are still validated once).
+
+    Instances: ``has_instances`` is True when any mask holds instance labels (an annotation file
+    or an instance label map); with ``return_instances`` the items of such a dataset are
+    ``(image, target, instances)``, instances int32 (H, W) (cropped as the target; a binary mask of
+    that dataset gives its 4-connected components). ``class_names``: with ``classes`` > 1 and
+    annotation files, the class names in index order (index 1 first), sorted. ``mpp``: the pixel
+    size (µm) the Aperio XML annotations state (their median), else None.
     """
 
     def __init__(self, root, fmt: str = "auto", *, in_channels: int = 3,
                  image_size: Optional[int] = None, task: str = "segmentation", sr_scale: int = 2,
-                 train: bool = True, cache: bool = True, seed: int = 0, classes: int = 1):
+                 train: bool = True, cache: bool = True, seed: int = 0, classes: int = 1,
+                 return_instances: bool = False):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         if image_size is not None and image_size < 1 or sr_scale < 1:
@@ -285,6 +337,10 @@ class SegmentationDataset(Dataset):
         seg = task == "segmentation"
         self.fmt = detect_format(self.root, seg) if fmt == "auto" and self.root.is_dir() else fmt
         self.samples = discover(self.root, self.fmt, require_masks=seg)
+        self.class_index = class_index([s.mask for s in self.samples if s.mask], classes) if classes > 1 and seg else {}
+        self.class_names = list(self.class_index)
+        self.has_instances, self.return_instances = False, return_instances
+        self.mpp = stated_mpp(s.mask for s in self.samples)  # µm per pixel, where Aperio XML states it
         self.shapes: list[tuple[int, int]] = []  # (H, W) of every sample
         self._arrays = self._load_all()
         self.items = [(i, 0, 0) for i in range(len(self.samples))]
@@ -293,20 +349,24 @@ class SegmentationDataset(Dataset):
                           for y in _tiles(h, image_size) for x in _tiles(w, image_size)]
 
     def _read(self, s: Sample, stacks: Optional[dict] = None
-              ) -> tuple[np.ndarray, Optional[np.ndarray]]:
-        """Raw arrays of one sample: image (H, W, C) as stored, mask uint8 (H, W) or None."""
+              ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+        """Raw arrays of one sample: image (H, W, C) as stored, mask uint8 (H, W) or None, instance
+        labels int32 (H, W) or None."""
         want_mask = s.mask is not None and self.task == "segmentation"
         if s.index is None:
-            return read_image(s.image), (read_mask(s.mask, self.classes) if want_mask else None)
+            img = read_image(s.image)
+            if not want_mask:
+                return img, None, None
+            return (img, *read_target(s.mask, img.shape[:2], self.classes, self.class_index))
         if stacks is None:  # one page only (cache=False)
             img = read_stack(s.image, s.index)[0]
-            return img, (self._labels(read_stack(s.mask, s.index)[0], s.mask) if want_mask else None)
+            return img, (self._labels(read_stack(s.mask, s.index)[0], s.mask) if want_mask else None), None
         for p in (s.image, s.mask) if want_mask else (s.image,):
             if p not in stacks:
                 if len(stacks) > 1:  # keep at most one image and one label stack
                     stacks.clear()
                 stacks[p] = read_stack(p) if p == s.image else self._labels(read_stack(p), p)
-        return stacks[s.image][s.index], (stacks[s.mask][s.index] if want_mask else None)
+        return stacks[s.image][s.index], (stacks[s.mask][s.index] if want_mask else None), None
 
     def _labels(self, mask: np.ndarray, path: Path) -> np.ndarray:
         """A mask array -> {0, 1} (one class) or the label map (classes > 1, values checked)."""
@@ -317,7 +377,8 @@ class SegmentationDataset(Dataset):
         ``self.shapes`` and returns the arrays (None without ``cache``)."""
         arrays, stacks, channels = [], {}, set()
         for s in self.samples:
-            img, mask = self._read(s, stacks)
+            img, mask, inst = self._read(s, stacks)
+            self.has_instances |= inst is not None
             if mask is not None and mask.shape != img.shape[:2]:
                 where = "" if s.index is None else f" (page {s.index})"
                 raise ValueError(
@@ -328,7 +389,7 @@ class SegmentationDataset(Dataset):
             self.shapes.append(img.shape[:2])
             channels.add(img.shape[2])
             if self.cache:
-                arrays.append((img, mask))
+                arrays.append((img, mask, _compact(inst)))
         self._source_channels = sorted(channels)
         return arrays if self.cache else None
 
@@ -339,9 +400,14 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, ...]:
         i, y, x = self.items[idx]
-        img, mask = self._arrays[i] if self._arrays is not None else self._read(self.samples[i])
+        img, mask, inst = self._arrays[i] if self._arrays is not None else self._read(self.samples[i])
+        want_inst = self.return_instances and self.has_instances and mask is not None
+        if want_inst and inst is None:
+            from ..metrics import label_components  # a binary mask among instance maps: its components
+
+            inst = label_components(mask > 0)
         s = self.image_size
         if s and self.train:
             rng = np.random.default_rng([self.seed & (2**64 - 1), self.epoch, idx])
@@ -349,11 +415,15 @@ class SegmentationDataset(Dataset):
             x = int(rng.integers(0, max(img.shape[1] - s, 0) + 1))
         if s:
             img, mask = _crop(img, y, x, s), None if mask is None else _crop(mask, y, x, s)
+            inst = _crop(inst, y, x, s) if want_inst else None
         img = match_channels(to_float(img), self.in_channels, self.samples[i].image)
         image = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
         if self.task == "super-resolution":
             return degrade_bicubic(image, self.sr_scale), image
-        return image, torch.from_numpy(mask[None].astype(np.float32))
+        target = torch.from_numpy(mask[None].astype(np.float32))
+        if want_inst:
+            return image, target, torch.from_numpy(inst.astype(np.int32))
+        return image, target
 
     def describe(self) -> str:
         """One line, e.g. ``37 images from /x (folder layout), 512x512, RGB``."""
@@ -371,6 +441,8 @@ class SegmentationDataset(Dataset):
         if self._source_channels != [self.in_channels]:
             chans += f" -> {self.in_channels} channel{'s' * (self.in_channels > 1)}"
         line = f"{what} from {self.root} ({self.fmt} layout), {size}, {chans}"
+        if self.has_instances:
+            line += ", instance labels"
         if self.task == "super-resolution":
             line += f", super-resolution x{self.sr_scale}"
         if self.image_size:

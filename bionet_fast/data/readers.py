@@ -1,7 +1,8 @@
 """Image and mask file reading: decoding to arrays, mask binarisation, scaling to [0, 1] and
 matching the model's channel count.
 
-Files: PNG/JPEG/BMP through Pillow, TIFF (single- or multi-page) through tifffile; every reader
+Files: PNG/JPEG/BMP through Pillow, TIFF (single- or multi-page) through tifffile, its compressed
+TIFFs (LZW as MoNuSeg's, JPEG, JPEG 2000) decoded by imagecodecs (a dependency); every reader
 returns (..., H, W, C) arrays in the dtype stored, and an unreadable file is a ValueError naming it.
 
 Masks: foreground = value > 0 (0/255, 0/1 and label maps alike; for EM membrane stacks the
@@ -108,8 +109,9 @@ def _read(path: Path, keep_palette: bool, page: Optional[int] = None) -> np.ndar
         tiff = path.suffix.lower() in TIFF_EXTS
         arr = _read_tiff(path, page) if tiff else _read_pil(path, keep_palette)
     except Exception as exc:  # decoders raise many types (OSError, ValueError, struct.error...)
-        raise ValueError(f"{path}: unreadable image ({type(exc).__name__}: {exc}); "
-                         "expected a PNG, JPEG, BMP or TIFF file") from exc
+        fix = ("pip install imagecodecs (tifffile decodes LZW, JPEG and JPEG 2000 TIFFs with it)"
+               if "imagecodecs" in str(exc) else "expected a PNG, JPEG, BMP or TIFF file")
+        raise ValueError(f"{path}: unreadable image ({type(exc).__name__}: {exc}); {fix}") from exc
     if arr.ndim != 4 or arr.shape[1] == 0 or arr.shape[2] == 0:
         raise ValueError(f"{path}: unreadable image (unexpected shape {arr.shape})")
     return arr

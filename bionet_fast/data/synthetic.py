@@ -32,34 +32,41 @@ _WIN = int(np.ceil(_MAX_AXIS * 1.35)) + 2  # half-width of each nucleus' drawing
 
 
 def make_synthetic_nuclei(
-    n: int, size: int = 128, seed: int = 0, channels: int = 3
+    n: int, size: int = 128, seed: int = 0, channels: int = 3, instances: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render ``n`` H&E-like images and their nucleus masks.
 
     Returns ``images`` uint8 (n, size, size, channels) (channels 3: RGB, 1: luminance) and
     ``masks`` uint8 (n, size, size) in {0, 1}. Deterministic for a given ``seed``; image ``i``
-    is the same for every ``n > i``.
+    is the same for every ``n > i``. With ``instances`` the masks are int32 instance labels
+    instead (0 background, nuclei 1..N of each image; labels > 0 is the binary mask exactly): where
+    nuclei overlap, a pixel belongs to the one it lies deepest inside (the smallest radius relative
+    to that nucleus' boundary). The images are the same either way.
     """
     if n < 0 or size < 8:
         raise ValueError(f"need n >= 0 and size >= 8, got n={n}, size={size}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (gray) or 3 (RGB), got {channels}")
     seed = int(seed) & (2**64 - 1)  # numpy seeds must be >= 0; negative ones wrap
-    chunks = [_render_chunk(np.random.default_rng([seed, c]), size) for c in range(-(-n // _CHUNK))]
+    chunks = [_render_chunk(np.random.default_rng([seed, c]), size, instances) for c in range(-(-n // _CHUNK))]
     if not chunks:
-        return (np.zeros((0, size, size, channels), np.uint8), np.zeros((0, size, size), np.uint8))
+        return (np.zeros((0, size, size, channels), np.uint8),
+                np.zeros((0, size, size), np.int32 if instances else np.uint8))
     rgb = np.concatenate([c[0] for c in chunks])[:n]
     masks = np.concatenate([c[1] for c in chunks])[:n]
     if channels == 1:
         rgb = np.clip(np.rint(rgb @ _LUMA), 0, 255).astype(np.uint8)[..., None]
-    return rgb, masks.astype(np.uint8)
+    return rgb, masks if instances else masks.astype(np.uint8)
 
 
-def _render_chunk(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Render ``_CHUNK`` images: uint8 RGB (B, S, S, 3) and bool masks (B, S, S)."""
+def _render_chunk(rng: np.random.Generator, size: int, instances: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Render ``_CHUNK`` images: uint8 RGB (B, S, S, 3) and bool masks (B, S, S) (int32 instance
+    labels with ``instances``)."""
     b = _CHUNK
     nuclei = _sample_nuclei(rng, b, size)
     h_nuc, masks = _rasterize(nuclei, b, size)
+    if instances:
+        masks = _instance_labels(nuclei, b, size)
     rbc = _sample_rbc(rng, b, size)
     e_rbc, _ = _rasterize(rbc, b, size)
 
@@ -135,17 +142,7 @@ def _rasterize(obj: dict[str, np.ndarray], b: int, size: int) -> tuple[np.ndarra
     off = np.arange(-_WIN, _WIN + 1, dtype=np.float32)
     px = np.floor(obj["cx"])[:, None, None] + off[None, None, :]  # (N, 1, 2W+1)
     py = np.floor(obj["cy"])[:, None, None] + off[None, :, None]  # (N, 2W+1, 1)
-    dx, dy = px - obj["cx"][:, None, None], py - obj["cy"][:, None, None]
-    cos, sin = np.cos(obj["theta"])[:, None, None], np.sin(obj["theta"])[:, None, None]
-    un = (dx * cos + dy * sin) / obj["a"][:, None, None]
-    vn = (dy * cos - dx * sin) / obj["b"][:, None, None]
-    rho = np.sqrt(un * un + vn * vn) + 1e-6
-    z = ((un + 1j * vn) / rho).astype(np.complex64)
-    zk, pert = z * z, 0.0
-    for k in range(4):
-        pert = pert + (obj["harmonics"][:, k, None, None] * zk).real
-        zk = zk * z
-    boundary = 1.0 + pert
+    rho, boundary = _polar(obj, px, py)
     scale = np.sqrt(obj["a"] * obj["b"])[:, None, None]  # pixels per normalised radius unit
     cover = np.clip((boundary - rho) * scale + 0.5, 0.0, 1.0)
     profile = 1.0 - obj["pale"][:, None, None] * (1.0 - np.minimum(rho / boundary, 1.0) ** 2)
@@ -157,6 +154,50 @@ def _rasterize(obj: dict[str, np.ndarray], b: int, size: int) -> tuple[np.ndarra
     stain = np.bincount(flat, weights=weight[valid], minlength=n_px)
     inside = np.bincount(flat, weights=(rho < boundary)[valid], minlength=n_px) > 0
     return stain.reshape(b, size, size), inside.reshape(b, size, size)
+
+
+def _instance_labels(obj: dict[str, np.ndarray], b: int, size: int) -> np.ndarray:
+    """int32 (B, S, S) labels of the objects :func:`_rasterize` draws (same inside test): object k
+    of an image (in sampling order) is id k; an overlapped pixel goes to the object with the smallest
+    rho / boundary there."""
+    flat, depth, index = _inside_pixels(obj, size)
+    order = np.lexsort((depth, flat))
+    first = order[np.r_[True, flat[order][1:] != flat[order][:-1]]] if len(order) else order
+    img = obj["img"]
+    by_image = np.argsort(img, kind="stable")
+    local = np.empty(len(img), np.int32)  # 1-based rank of each object within its image
+    starts = np.searchsorted(img[by_image], img[by_image])
+    local[by_image] = np.arange(len(img)) - starts + 1
+    labels = np.zeros(b * size * size, np.int32)
+    labels[flat[first]] = local[index[first]]
+    return labels.reshape(b, size, size)
+
+
+def _inside_pixels(obj: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat pixel index, rho / boundary, object index) of every (object, pixel) inside pair."""
+    off = np.arange(-_WIN, _WIN + 1, dtype=np.float32)
+    px = np.floor(obj["cx"])[:, None, None] + off[None, None, :]
+    py = np.floor(obj["cy"])[:, None, None] + off[None, :, None]
+    rho, boundary = _polar(obj, px, py)
+    inside = (px >= 0) & (px < size) & (py >= 0) & (py < size) & (rho < boundary)
+    flat = np.broadcast_to((obj["img"][:, None, None] * size + py) * size + px, inside.shape)
+    index = np.broadcast_to(np.arange(len(obj["img"]))[:, None, None], inside.shape)
+    return flat[inside].astype(np.int64), (rho / boundary)[inside], index[inside]
+
+
+def _polar(obj: dict[str, np.ndarray], px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ellipse-normalised radius rho of pixels (px, py) and the perturbed boundary there."""
+    dx, dy = px - obj["cx"][:, None, None], py - obj["cy"][:, None, None]
+    cos, sin = np.cos(obj["theta"])[:, None, None], np.sin(obj["theta"])[:, None, None]
+    un = (dx * cos + dy * sin) / obj["a"][:, None, None]
+    vn = (dy * cos - dx * sin) / obj["b"][:, None, None]
+    rho = np.sqrt(un * un + vn * vn) + 1e-6
+    z = ((un + 1j * vn) / rho).astype(np.complex64)
+    zk, pert = z * z, 0.0
+    for k in range(4):
+        pert = pert + (obj["harmonics"][:, k, None, None] * zk).real
+        zk = zk * z
+    return rho, 1.0 + pert
 
 
 def _smooth_noise(rng: np.random.Generator, b: int, size: int, grid: int) -> np.ndarray:
@@ -209,19 +250,23 @@ class SyntheticNucleiDataset(Dataset):
     """In-memory synthetic nuclei data set (see :func:`make_synthetic_nuclei`).
 
     Item ``i`` is ``(image, mask)``: image float32 (C, S, S) in [0, 1], mask float32 (1, S, S)
-    in {0, 1}. Use different seeds for the training and the held-out split.
+    in {0, 1}; with ``instances`` ``(image, mask, labels)``, labels int32 (S, S), one id per
+    nucleus (for the object metrics). Use different seeds for the training and the held-out split.
     """
 
-    def __init__(self, n: int, size: int = 128, seed: int = 0, channels: int = 3):
-        images, masks = make_synthetic_nuclei(n, size=size, seed=seed, channels=channels)
+    def __init__(self, n: int, size: int = 128, seed: int = 0, channels: int = 3, instances: bool = False):
+        images, masks = make_synthetic_nuclei(n, size=size, seed=seed, channels=channels, instances=instances)
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, C, S, S)
-        self.masks = torch.from_numpy(masks)[:, None]  # uint8 (N, 1, S, S)
-        self.size, self.seed, self.channels = size, seed, channels
+        self.labels = torch.from_numpy(masks) if instances else None  # int32 (N, S, S)
+        self.masks = torch.from_numpy(masks > 0 if instances else masks).to(torch.uint8)[:, None]  # (N, 1, S, S)
+        self.size, self.seed, self.channels, self.has_instances = size, seed, channels, instances
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        if self.labels is not None:
+            return self.images[i].float() / 255.0, self.masks[i].float(), self.labels[i]
         return self.images[i].float() / 255.0, self.masks[i].float()
 
     def describe(self) -> str:

@@ -53,17 +53,23 @@ class SyntheticCrops(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    @property
+    def has_instances(self) -> bool:
+        """Whether the items carry instance labels (image, mask, labels) for the object metrics."""
+        return bool(getattr(self.base, "has_instances", False)) and not self.sr_scale
+
     def __getitem__(self, i: int):
-        image, mask = self.base[i]
+        image, mask, *labels = self.base[i]
         size = image.shape[-1]
         if self.crop and self.crop < size:
             y, x = np.random.default_rng([self.seed, self.epoch, i]).integers(0, size - self.crop + 1, 2)
             image, mask = (t[:, y:y + self.crop, x:x + self.crop] for t in (image, mask))
+            labels = [t[..., y:y + self.crop, x:x + self.crop] for t in labels]
         if self.sr_scale:
             from .datasets import degrade_bicubic
 
             return degrade_bicubic(image, self.sr_scale), image
-        return image, mask
+        return (image, mask, *labels)
 
 
 @dataclass(frozen=True)
@@ -92,13 +98,15 @@ class DataConfig:
 SYNTHETIC_HELDOUT_SEED = 2**31 - 1  # never a training seed of the synthetic runs
 
 
-def synthetic_heldout(n: int = 48, size: int = 128, channels: int = 3, sr_scale: Optional[int] = None
-                      ) -> tuple[Dataset, str]:
+def synthetic_heldout(n: int = 48, size: int = 128, channels: int = 3, sr_scale: Optional[int] = None,
+                      instances: bool = False) -> tuple[Dataset, str]:
     """The held-out synthetic images the synthetic runs validate on (whole `size` x `size`
-    images), and their description; `evaluate --data synthetic` scores the same ones."""
+    images), and their description; `evaluate --data synthetic` scores the same ones. Items are
+    (image, mask), or (image, mask, instance labels) with `instances` (segmentation only)."""
     from .synthetic import SyntheticNucleiDataset
 
-    held = SyntheticNucleiDataset(n, size, seed=SYNTHETIC_HELDOUT_SEED, channels=channels)
+    held = SyntheticNucleiDataset(n, size, seed=SYNTHETIC_HELDOUT_SEED, channels=channels,
+                                  instances=instances and not sr_scale)
     return SyntheticCrops(held, None, 0, sr_scale), held.describe() + " (held out)"
 
 
@@ -111,7 +119,7 @@ def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset, str, str]:
 
         size = max(128, cfg.image_size)
         base = SyntheticNucleiDataset(cfg.n_train, size, seed=cfg.seed, channels=cfg.in_channels)
-        held, held_text = synthetic_heldout(cfg.n_val, size, cfg.in_channels, sr)
+        held, held_text = synthetic_heldout(cfg.n_val, size, cfg.in_channels, sr, instances=True)
         return (SyntheticCrops(base, cfg.image_size, cfg.seed, sr), held,
                 base.describe() + f", random {cfg.image_size}x{cfg.image_size} crops", held_text)
     from .datasets import SegmentationDataset
@@ -126,11 +134,11 @@ def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset, str, str]:
                              f"be batched whole; pass --image-size (a multiple of {m}, e.g. {4 * m}) to train "
                              "on random crops")
     if cfg.valid_data:
-        val = SegmentationDataset(cfg.valid_data, cfg.data_format, train=False, **kw)
+        val = SegmentationDataset(cfg.valid_data, cfg.data_format, train=False, return_instances=True, **kw)
         return train, val, train.describe(), val.describe()
     if len(train.samples) < 2:
         raise ValueError(f"{cfg.train_data} holds one image: pass --valid-data DIR for validation")
-    full = SegmentationDataset(cfg.train_data, cfg.data_format, train=False, **kw)
+    full = SegmentationDataset(cfg.train_data, cfg.data_format, train=False, return_instances=True, **kw)
     order = np.random.default_rng(cfg.seed).permutation(len(full))
     n_val = max(1, len(full) // 10)
     return (Subset(train, order[n_val:].tolist()), Subset(full, order[:n_val].tolist()),

@@ -168,17 +168,20 @@ def val_loss(out: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor
 def evaluate_loader(model: torch.nn.Module, loader, task: str, device: torch.device, tile_size: int,
                     overlap: float = 0.25, rand: bool = False, keep: int = 0,
                     autocast: Optional[Callable] = None, on_batch: Optional[Callable] = None,
-                    forward: Optional[Callable] = None, channels_last: bool = False, threshold: float = 0.5):
-    """Run the model over a loader of (image, target) batches. Returns (meters, loss_sum, n_images,
-    kept) where meters = [main meter] (+ a SegmentationMeter beside a RandMeter) and kept holds
-    the first `keep` (image, target, output) triples on the CPU for plots. Dice and IoU count the
-    pixels whose probability exceeds `threshold` (one class)."""
+                    forward: Optional[Callable] = None, channels_last: bool = False, threshold: float = 0.5,
+                    objects=None):
+    """Run the model over a loader of (image, target) or (image, target, instances) batches. Returns
+    (meters, loss_sum, n_images, kept) where meters = [main meter] (+ a SegmentationMeter beside a
+    RandMeter) (+ `objects`, a metrics.ObjectMeter, last) and kept holds the first `keep` (image,
+    target, output) triples on the CPU for plots. Dice and IoU count the pixels whose probability
+    exceeds `threshold` (one class). `objects` scores every image: against its instance labels where
+    the batches carry them (object metrics), else against its target (per-image pixel rows only)."""
     meters = [make_meter(task, model.config.classes, rand, threshold)]
     if rand:
         meters.append(SegmentationMeter(model.config.classes, threshold))
     loss_sum, n, kept = 0.0, 0, []
-    for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
+    for batch in loader:
+        images, targets = batch[0].to(device), batch[1].to(device)
         out = infer(model, images, task, tile_size, overlap, autocast=autocast, forward=forward,
                     channels_last=channels_last)
         for meter in meters:
@@ -186,13 +189,15 @@ def evaluate_loader(model: torch.nn.Module, loader, task: str, device: torch.dev
                 meter.update(out, targets, baseline=images)
             else:
                 meter.update(out, targets)
+        if objects is not None:
+            objects.update(out, batch[2] if len(batch) > 2 else targets)
         loss_sum += float(val_loss(out, targets, task))
         n += images.shape[0]
         for i in range(min(keep - len(kept), images.shape[0])):
             kept.append((images[i].cpu(), targets[i].cpu(), out[i].cpu()))
         if on_batch is not None:
             on_batch(out, images.shape[0])
-    return meters, loss_sum, n, kept
+    return meters + ([objects] if objects is not None else []), loss_sum, n, kept
 
 
 def summarize(meters, loss_sum: float, n: int) -> dict:

@@ -26,6 +26,7 @@ from .cuda_graph import GraphedTrainStep, GraphStepOptions, say_stderr
 from .divergence import Diverged, NonFiniteLoss, check_grads, check_model, check_value, output_guard  # noqa: F401
 from .finetune import FineTuning, run_inference_info
 from .inference import evaluate_loader, inference_window, pick_device
+from .instance_eval import object_meter
 from .train_config import TrainConfig
 from .plots import plot_curves, plot_samples
 
@@ -137,6 +138,8 @@ class Trainer:
         same = uniform_sizes(val)  # every item, not the first few: mixed sizes go one at a time
         base = val.dataset if isinstance(val, Subset) else val
         self.rand = getattr(base, "fmt", None) == "tiff-stack" and cfg.task == "segmentation"  # EM stacks
+        # instance labels (annotations, label maps): AJI, PQ and object F1 beside Dice
+        self.objects = getattr(base, "has_instances", False) and cfg.task == "segmentation"
         self.val_loader = DataLoader(shard, batch_size=cfg.batch_size if same else 1,
                                      num_workers=min(cfg.workers, 2))
         self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "best_epoch": None,
@@ -335,7 +338,7 @@ class Trainer:
         try:
             meters, loss_sum, n, kept = evaluate_loader(
                 model, self.val_loader, a.task, self.device, inference_window(a) or 512,
-                keep=4 if self.main else 0,
+                keep=4 if self.main else 0, objects=object_meter() if self.objects else None,
                 rand=self.rand, autocast=self.autocast())
         finally:
             guard.remove()
@@ -382,5 +385,6 @@ def _epoch_line(r: dict, task: str, best: bool) -> str:
         scores = f"PSNR {r['psnr']:.2f} dB (bicubic {r['psnr_bicubic']:.2f})"
     else:
         scores = f"Dice {r['dice']:.4f}  IoU {r['iou']:.4f}" + (f"  Rand F {r['rand_f']:.4f}" if "rand_f" in r else "")
+        scores += f"  AJI {r['aji']:.4f}  PQ {r['pq']:.4f}" if "aji" in r else ""
     return (f"epoch {r['epoch']}: train loss {r['train_loss']:.4f}  val loss {r['val_loss']:.4f}  {scores}  "
             f"({r['epoch_time_s']:.0f} s, {r['images_per_s']:.0f} img/s){'  * best' if best else ''}")

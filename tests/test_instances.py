@@ -40,7 +40,7 @@ def _check_outputs(folder, name, prob):
     labels = tifffile.imread(folder / f"{name}_labels.tif")
     want, n = ndimage.label(ndimage.binary_fill_holes(prob > 0.5))
     sizes = ndimage.sum(np.ones_like(want), want, range(1, n + 1))
-    assert labels.dtype == np.uint32 and labels.max() == len(NUCLEI) == (sizes >= 4).sum()
+    assert labels.dtype == np.uint16 and labels.max() == len(NUCLEI) == (sizes >= 4).sum()
     for i in range(1, labels.max() + 1):  # each nucleus is exactly one reference component
         ref = np.unique(want[labels == i])
         assert len(ref) == 1 and ref[0] > 0
@@ -52,7 +52,7 @@ def _check_outputs(folder, name, prob):
         props = f["properties"]
         assert props["objectType"] == "detection" and f["geometry"]["type"] == "Polygon"
         area = (labels == props["label"]).sum()
-        assert _polygon_area(f["geometry"]["coordinates"][0]) == props["measurements"]["Area px"] == area
+        assert _polygon_area(f["geometry"]["coordinates"][0]) == props["measurements"]["Area px^2"] == area
     rows = list(csv.DictReader((folder / f"{name}_nuclei.csv").open()))
     assert sorted(int(r["label"]) for r in rows) == list(range(1, labels.max() + 1))
     for r in rows:

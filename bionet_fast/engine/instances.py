@@ -8,30 +8,26 @@ is carried into the next band. So a nucleus cut by a window or row border is ONE
 and traced whole, while memory holds one band plus the carried rows (capped at `max_carry` rows:
 a taller object is cut there, with a warning).
 
-Outputs: NAME_labels.tif (uint32, tiled BigTIFF), NAME.geojson (FeatureCollection, image pixel
-coordinates, one "detection" polygon per label, measurements area and mean probability: QuPath
-imports it by drag and drop), NAME_nuclei.csv (the same table). scipy is needed (the `instances`
-extra).
+Outputs (engine.object_outputs, engine.label_writer), in the slide's level-0 coordinates when
+the image was predicted at another pixel size (`geometry`): NAME_labels.tif (uint16 below 65,536
+nuclei, else uint32; tiled BigTIFF), NAME.geojson (QuPath detections with QuPath's measurement
+names and, for K classes, a classification), NAME_nuclei.csv (regionprops columns), NAME_rois.zip
+(ImageJ ROIs). scipy is needed (the `instances` extra; scikit-image for the CSV, roifile for ROIs).
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from ..utils.files import commit, temp_beside
-from .writers import TiledTiffWriter
+from .label_writer import LabelWriter
+from .object_outputs import BASE_COLUMNS as CSV_COLUMNS, ObjectOutputs
+from .pixel_size import SlideGeometry
 
 __all__ = ["InstanceWriter", "trace_outline", "CSV_COLUMNS"]
 
-CSV_COLUMNS = ["label", "centroid_x", "centroid_y", "area_px", "area_um2", "mean_probability",
-               "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]
 _DROPPED = np.iinfo(np.uint32).max  # finished but below --min-area: not re-labelled, written as 0
 
 
@@ -78,43 +74,28 @@ def _collinear(a, b, c) -> bool:
     return (b[0] - a[0]) * (c[1] - b[1]) == (b[1] - a[1]) * (c[0] - b[0])
 
 
-class _StreamFile:
-    """A text file written incrementally under a temporary name, renamed on close (atomic)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        fd, self.tmp = temp_beside(path)
-        self.f = io.open(fd, "w", newline="")
-
-    def close(self) -> Path:
-        self.f.close()
-        commit(self.tmp, self.path)  # as atomic_write: the umask's mode, fsync, rename, fsync
-        return self.path
-
-    def abort(self) -> None:
-        self.f.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-
-
 class InstanceWriter:
     """Streams (K, n, W) probability bands into labels / GeoJSON / CSV (see the module docstring)."""
 
     def __init__(self, folder: Path, name: str, shape: tuple[int, int], labels: bool = True,
                  geojson: bool = False, measurements: bool = False, min_area: int = 0,
-                 mpp: Optional[float] = None, max_carry: int = 4096, threshold: float = 0.5):
+                 mpp: Optional[float] = None, max_carry: int = 4096, threshold: float = 0.5,
+                 rois: bool = False, geometry: Optional[SlideGeometry] = None, image=None,
+                 class_names: Optional[list[str]] = None):
+        """shape: the predicted image (h, w); geometry: how it maps to the slide's level 0 (default:
+        itself, `mpp` µm/px); image: its reader (engine.slide interface) for intensity columns;
+        class_names: names of classes 0..K-1 for a classification of K-class predictions."""
         self.nd = _ndimage()
         self.threshold = threshold
         self.h, self.w = shape
         self.min_area, self.mpp, self.max_carry = min_area, mpp, max_carry
-        self.labels = TiledTiffWriter(folder / f"{name}_labels.tif", shape, np.uint32, mpp) if labels else None
-        self.geo = _StreamFile(folder / f"{name}.geojson") if geojson else None
-        self.csv = _StreamFile(folder / f"{name}_nuclei.csv") if measurements else None
-        if self.geo:
-            self.geo.f.write('{"type": "FeatureCollection", "features": [\n')
-        if self.csv:
-            self.table = csv.writer(self.csv.f)
-            self.table.writerow(CSV_COLUMNS)
+        geometry = geometry or SlideGeometry(tuple(shape), tuple(shape), mpp, mpp)
+        self.labels = LabelWriter(folder / f"{name}_labels.tif", shape, geometry.level0_shape,
+                                  geometry.level0_mpp) if labels else None
+        self.objects = ObjectOutputs(folder, name, geometry, geojson, measurements, rois,
+                                     image.read if image is not None else None,
+                                     image.shape[2] if image is not None else 0, class_names)
+        self.cls = np.zeros((0, self.w), np.uint8) if class_names else None  # argmax class rows (K classes)
         self.count, self.top, self._warned = 0, 0, False
         self.mask = np.zeros((0, self.w), bool)
         self.prob = np.zeros((0, self.w), np.float32)
@@ -127,6 +108,8 @@ class InstanceWriter:
         self.mask = np.concatenate([self.mask, fg])
         self.prob = np.concatenate([self.prob, p.astype(np.float32)])
         self.final = np.concatenate([self.final, np.zeros(fg.shape, np.uint32)])
+        if self.cls is not None and probs.shape[0] > 1:
+            self.cls = np.concatenate([self.cls, probs.argmax(0).astype(np.uint8)])
         last = self.top + self.mask.shape[0] >= self.h
         self._process(last or self.mask.shape[0] > self.max_carry)
 
@@ -148,6 +131,8 @@ class InstanceWriter:
         if self.labels is not None and cut:
             self.labels.put(np.where(out == _DROPPED, 0, out))
         self.mask, self.prob, self.final = self.mask[cut:], self.prob[cut:], self.final[cut:]
+        if self.cls is not None and len(self.cls):
+            self.cls = self.cls[cut:]
         self.top += cut
 
     def _finish(self, obj: np.ndarray, sl: tuple[slice, slice]) -> None:
@@ -159,42 +144,20 @@ class InstanceWriter:
             return
         self.count += 1
         self.final[sl][filled] = self.count
-        ys, xs = np.nonzero(filled)
-        y0, x0 = self.top + sl[0].start, sl[1].start
-        row = {"label": self.count, "centroid_x": round(float(xs.mean()) + x0 + 0.5, 2),
-               "centroid_y": round(float(ys.mean()) + y0 + 0.5, 2), "area_px": area,
-               "area_um2": round(area * self.mpp ** 2, 4) if self.mpp else "",
-               "mean_probability": round(float(self.prob[sl][filled].mean()), 4),
-               "bbox_x0": x0 + int(xs.min()), "bbox_y0": y0 + int(ys.min()),
-               "bbox_x1": x0 + int(xs.max()) + 1, "bbox_y1": y0 + int(ys.max()) + 1}
-        if self.csv:
-            self.table.writerow([row[c] for c in CSV_COLUMNS])
-        if self.geo:
-            ring = [[x + x0, y + y0] for x, y in trace_outline(filled)]
-            measurements = {"Area px": area, "Mean probability": row["mean_probability"]}
-            if self.mpp:
-                measurements["Area um^2"] = row["area_um2"]
-            feature = {"type": "Feature", "id": f"nucleus-{self.count}",
-                       "geometry": {"type": "Polygon", "coordinates": [ring]},
-                       "properties": {"objectType": "detection", "name": f"Nucleus {self.count}",
-                                      "label": self.count, "measurements": measurements}}
-            self.geo.f.write(("" if self.count == 1 else ",\n") + json.dumps(feature, separators=(",", ":")))
+        if self.objects.wanted:
+            y0, x0 = self.top + sl[0].start, sl[1].start
+            ring = trace_outline(filled) if self.objects.geo or self.objects.rois is not None else None
+            cls = self.cls[sl] if self.cls is not None and len(self.cls) else None
+            self.objects.add(self.count, filled, y0, x0, self.prob[sl], ring, cls)
 
     def close(self) -> list[Path]:
         """Finish the files (rename them into place); returns their paths."""
         if self.mask.shape[0]:
             self._process(True)
-        paths = []
-        if self.labels is not None:
-            paths.append(self.labels.close())
-        if self.geo:
-            self.geo.f.write("\n]}\n")
-            paths.append(self.geo.close())
-        if self.csv:
-            paths.append(self.csv.close())
-        return paths
+        paths = [self.labels.close(self.count)] if self.labels is not None else []
+        return paths + self.objects.close()
 
     def abort(self) -> None:
-        for part in (self.labels, self.geo, self.csv):
+        for part in (self.labels, self.objects):
             if part is not None:
                 part.abort()

@@ -1,0 +1,256 @@
+"""One record per nucleus, in the slide's level-0 coordinates, written as the tools take them.
+
+`ObjectOutputs.add` takes a finished nucleus as `engine.instances` found it, at the pixel size it
+was predicted at, and maps it to level 0 (`engine.pixel_size.SlideGeometry`):
+
+- NAME.geojson: a FeatureCollection of QuPath detections (drag and drop onto the slide). The
+  measurements carry QuPath's own names, computed on the polygon as QuPath's "Add shape features"
+  would: "Area µm^2", "Length µm" (the perimeter), "Circularity" (4 pi area / length^2),
+  "Solidity" (area / convex hull area); "Area px^2" and "Length px" where the pixel size is
+  unknown; "Red: Mean", "Green: Mean", "Blue: Mean" ("Channel 1: Mean" ... for other images) as
+  QuPath's intensity features name them; "Detection probability" (the mean probability, as the
+  StarDist extension names its score). With K classes, a "classification" {"name", "color"}:
+  the class most of the nucleus' pixels take.
+- NAME_nuclei.csv: label, centroid, area, bounding box (level-0 pixels) and µm columns, and the
+  columns of `skimage.measure.regionprops_table` under its names: perimeter, eccentricity,
+  solidity, axis_major_length, axis_minor_length, orientation, intensity_mean-0..C-1 (the image
+  as stored: 0..255 for 8-bit). Lengths are in level-0 pixels.
+- NAME_rois.zip: one ImageJ ROI per nucleus (roifile; Fiji: File > Open, or drag the zip onto
+  the ROI Manager); traced ROIs along pixel edges, polygons where the outline was scaled.
+
+Every file is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import zipfile
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..utils.files import commit, temp_beside
+from .pixel_size import SlideGeometry
+
+__all__ = ["ObjectOutputs", "csv_columns", "CLASS_COLORS", "geojson_measurements"]
+
+BASE_COLUMNS = ["label", "centroid_x", "centroid_y", "centroid_x_um", "centroid_y_um", "area_px", "area_um2",
+                "perimeter", "perimeter_um", "eccentricity", "solidity", "axis_major_length", "axis_minor_length",
+                "orientation", "mean_probability", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]
+# QuPath's default class colours (Tumor, Stroma, Immune cells, Necrosis, Other ...), then more
+CLASS_COLORS = [(200, 0, 0), (150, 200, 150), (160, 90, 160), (50, 50, 50), (255, 200, 0), (0, 128, 255),
+                (255, 128, 0), (0, 200, 200), (128, 128, 0), (128, 0, 255)]
+_RGB = ("Red", "Green", "Blue")
+
+
+def csv_columns(channels: int = 0, classes: bool = False) -> list[str]:
+    """The CSV header: BASE_COLUMNS, `class` with K classes, intensity_mean-c per image channel."""
+    cols = list(BASE_COLUMNS)
+    if classes:
+        cols.insert(1, "class")
+    return cols + [f"intensity_mean-{c}" for c in range(channels)]
+
+
+def _regionprops():
+    try:
+        from skimage.measure import regionprops
+    except ImportError as err:
+        raise ValueError("--measurements needs scikit-image: pip install 'bionet_fast[instances]'") from err
+    return regionprops
+
+
+class _StreamFile:
+    """A file written incrementally under a temporary name, renamed on close (atomic)."""
+
+    def __init__(self, path: Path, binary: bool = False):
+        self.path = path
+        fd, self.tmp = temp_beside(path)
+        self.f = io.open(fd, "wb" if binary else "w", **({} if binary else {"newline": ""}))
+
+    def close(self) -> Path:
+        self.f.close()
+        commit(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.f.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def _ring_length_area(ring: np.ndarray) -> tuple[float, float]:
+    d = np.diff(ring, axis=0)
+    x, y = ring[:, 0], ring[:, 1]
+    return float(np.hypot(d[:, 0], d[:, 1]).sum()), 0.5 * abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
+
+
+def _hull_area(points: np.ndarray) -> float:
+    """Area of the convex hull of (n, 2) points (monotone chain)."""
+    pts = sorted(set(map(tuple, points.tolist())))
+    if len(pts) < 3:
+        return 0.0
+
+    def half(seq):
+        out = []
+        for p in seq:
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+                out.pop()
+            out.append(p)
+        return out
+
+    hull = np.array(half(pts)[:-1] + half(pts[::-1])[:-1] + [pts[0]], np.float64)
+    return _ring_length_area(hull)[1]
+
+
+def geojson_measurements(ring: np.ndarray, mpp: Optional[float]) -> dict:
+    """QuPath's shape measurements of a closed ring (n, 2) in level-0 pixels (see module docstring)."""
+    length, area = _ring_length_area(ring)
+    unit, s = ("µm", mpp) if mpp else ("px", 1.0)
+    hull = _hull_area(ring)
+    return {f"Area {unit}^2": round(area * s * s, 4), f"Length {unit}": round(length * s, 4),
+            "Circularity": round(4 * math.pi * area / length ** 2, 4) if length else 0.0,
+            "Solidity": round(area / hull, 4) if hull else 1.0}
+
+
+class ObjectOutputs:
+    """The GeoJSON / CSV / ROI zip of one image (see the module docstring).
+
+    image: read(y, x, h, w) -> (h, w, C) of the predicted image (for intensities), or None.
+    class_names: names of classes 1..K-1 (index 0 = background unused) for a classification, or None."""
+
+    def __init__(self, folder: Path, name: str, geometry: SlideGeometry, geojson: bool = False,
+                 measurements: bool = False, rois: bool = False, image: Optional[Callable] = None,
+                 channels: int = 0, class_names: Optional[Sequence[str]] = None):
+        self.geometry, self.image, self.class_names = geometry, image, class_names
+        self.channels = channels if image is not None else 0
+        self.geo = _StreamFile(folder / f"{name}.geojson") if geojson else None
+        self.csv = _StreamFile(folder / f"{name}_nuclei.csv") if measurements else None
+        self.rois = None
+        if rois:
+            try:
+                import roifile
+            except ImportError as err:
+                raise ValueError("--rois needs roifile: pip install 'bionet_fast[rois]'") from err
+            self.roifile = roifile
+            self.rois = _StreamFile(folder / f"{name}_rois.zip", binary=True)
+            self.zip = zipfile.ZipFile(self.rois.f, "w", zipfile.ZIP_DEFLATED)
+        self.regionprops = _regionprops() if measurements else None
+        if self.geo:
+            self.geo.f.write('{"type": "FeatureCollection", "features": [\n')
+        if self.csv:
+            self.columns = csv_columns(self.channels, class_names is not None)
+            self.table = csv.writer(self.csv.f)
+            self.table.writerow(self.columns)
+        self.count = 0
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.geo or self.csv or self.rois)
+
+    def add(self, label: int, obj: np.ndarray, y0: int, x0: int, prob: np.ndarray,
+            ring: Optional[list], cls: Optional[np.ndarray] = None) -> None:
+        """One nucleus: obj (h, w) bool at predicted pixels (y0, x0) of the predicted image; prob
+        (h, w) its probability patch; ring its outline (trace_outline, patch corner coordinates);
+        cls (h, w) the argmax class patch (K classes)."""
+        self.count += 1
+        sy, sx = self.geometry.scale
+        mpp0 = self.geometry.level0_mpp
+        ys, xs = np.nonzero(obj)
+        pixels = len(ys)
+        cx, cy = (float(xs.mean()) + 0.5 + x0) * sx, (float(ys.mean()) + 0.5 + y0) * sy
+        klass = self._class(cls, obj) if cls is not None and self.class_names is not None else None
+        mean_p = round(float(prob[obj].mean()), 4)
+        ring0 = None
+        if ring is not None:
+            ring0 = (np.asarray(ring, np.float64) + [x0, y0]) * [sx, sy]
+            if np.array_equal(ring0, np.round(ring0)):  # pixel corners (an integer scale): exact
+                ring0 = ring0.astype(np.int64)
+            else:
+                ring0 = np.round(ring0, 3)
+        means = self._means(obj, y0, x0) if self.geo or self.csv else []
+        if self.geo:
+            self._feature(label, ring0, mean_p, klass, means)
+        if self.csv:
+            self._row(label, obj, ys, xs, y0, x0, pixels, cx, cy, mean_p, klass, mpp0, means)
+        if self.rois is not None:
+            self._roi(label, ring0)
+
+    def _class(self, cls: np.ndarray, obj: np.ndarray) -> Optional[int]:
+        counts = np.bincount(cls[obj].ravel(), minlength=len(self.class_names))
+        counts[0] = 0
+        return int(counts.argmax()) if counts.any() else None
+
+    def _means(self, obj: np.ndarray, y0: int, x0: int) -> list[float]:
+        if not self.channels:
+            return []
+        patch = self.image(y0, x0, *obj.shape).reshape(*obj.shape, -1).astype(np.float64)
+        return [round(float(patch[..., c][obj].mean()), 3) for c in range(patch.shape[-1])]
+
+    def _feature(self, label, ring0, mean_p, klass, means) -> None:
+        measurements = geojson_measurements(ring0, self.geometry.level0_mpp)
+        names = _RGB if self.channels == 3 else [f"Channel {c + 1}" for c in range(self.channels)]
+        for n, v in zip(names, means):
+            measurements[f"{n}: Mean"] = v
+        measurements["Detection probability"] = mean_p
+        props = {"objectType": "detection", "name": f"Nucleus {label}", "label": label,
+                 "measurements": measurements}
+        if klass is not None:
+            props["classification"] = {"name": self.class_names[klass],
+                                       "color": list(CLASS_COLORS[(klass - 1) % len(CLASS_COLORS)])}
+        feature = {"type": "Feature", "id": f"nucleus-{label}",
+                   "geometry": {"type": "Polygon", "coordinates": [ring0.tolist()]}, "properties": props}
+        self.geo.f.write(("" if self.count == 1 else ",\n") + json.dumps(feature, separators=(",", ":"),
+                                                                         ensure_ascii=False))
+
+    def _row(self, label, obj, ys, xs, y0, x0, pixels, cx, cy, mean_p, klass, mpp0, means) -> None:
+        sy, sx = self.geometry.scale
+        length = math.sqrt(sy * sx)  # level-0 pixels per predicted pixel along a line
+        rp = self.regionprops(obj.astype(np.uint8))[0]
+        area = pixels * sy * sx
+        perimeter = float(rp.perimeter) * length
+        row = {"label": label, "centroid_x": round(cx, 2), "centroid_y": round(cy, 2),
+               "centroid_x_um": round(cx * mpp0, 3) if mpp0 else "", "centroid_y_um": round(cy * mpp0, 3) if mpp0 else "",
+               "area_px": int(area) if self.geometry.identity else round(area, 2),
+               "area_um2": round(area * mpp0 ** 2, 4) if mpp0 else "",
+               "perimeter": round(perimeter, 3), "perimeter_um": round(perimeter * mpp0, 3) if mpp0 else "",
+               "eccentricity": round(float(rp.eccentricity), 4), "solidity": round(float(rp.solidity), 4),
+               "axis_major_length": round(float(rp.axis_major_length) * length, 3),
+               "axis_minor_length": round(float(rp.axis_minor_length) * length, 3),
+               "orientation": round(float(rp.orientation), 4), "mean_probability": mean_p,
+               "bbox_x0": math.floor((x0 + int(xs.min())) * sx), "bbox_y0": math.floor((y0 + int(ys.min())) * sy),
+               "bbox_x1": math.ceil((x0 + int(xs.max()) + 1) * sx), "bbox_y1": math.ceil((y0 + int(ys.max()) + 1) * sy)}
+        if klass is not None or "class" in self.columns:
+            row["class"] = self.class_names[klass] if klass is not None else ""
+        for c, v in enumerate(means):
+            row[f"intensity_mean-{c}"] = v
+        self.table.writerow([row.get(c, "") for c in self.columns])
+
+    def _roi(self, label: int, ring0: np.ndarray) -> None:
+        rf = self.roifile
+        points = ring0[:-1]
+        roi = rf.ImagejRoi.frompoints(points, name=f"nucleus-{label}")
+        integer = points.dtype.kind in "iu"
+        roi.roitype = rf.ROI_TYPE.TRACED if integer else rf.ROI_TYPE.POLYGON
+        self.zip.writestr(f"nucleus-{label:06d}.roi", roi.tobytes())
+
+    def close(self) -> list[Path]:
+        paths = []
+        if self.geo:
+            self.geo.f.write("\n]}\n")
+            paths.append(self.geo.close())
+        if self.csv:
+            paths.append(self.csv.close())
+        if self.rois is not None:
+            self.zip.close()
+            paths.append(self.rois.close())
+        return paths
+
+    def abort(self) -> None:
+        for part in (self.geo, self.csv, self.rois):
+            if part is not None:
+                part.abort()

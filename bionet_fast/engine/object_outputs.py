@@ -4,8 +4,9 @@
 was predicted at, and maps it to level 0 (`engine.pixel_size.SlideGeometry`):
 
 - NAME.geojson: a FeatureCollection of QuPath detections (drag and drop onto the slide). The
-  measurements carry QuPath's own names, computed on the polygon as QuPath's "Add shape features"
-  would: "Area µm^2", "Length µm" (the perimeter), "Circularity" (4 pi area / length^2),
+  measurements carry QuPath's own names: "Area µm^2" (of the polygon: the pixel count), "Length
+  µm" (the perimeter, as `skimage.measure.perimeter` estimates it: the outline along pixel edges
+  would overestimate a disc's by 4/pi), "Circularity" (4 pi area / length^2, at most 1),
   "Solidity" (area / convex hull area); "Area px^2" and "Length px" where the pixel size is
   unknown; "Red: Mean", "Green: Mean", "Blue: Mean" ("Channel 1: Mean" ... for other images) as
   QuPath's intensity features name them; "Detection probability" (the mean probability, as the
@@ -34,6 +35,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ..utils.files import commit, temp_beside
+from .measurements import polygon_area, shape_features
 from .pixel_size import SlideGeometry
 
 __all__ = ["ObjectOutputs", "csv_columns", "CLASS_COLORS", "geojson_measurements"]
@@ -55,14 +57,6 @@ def csv_columns(channels: int = 0, classes: bool = False) -> list[str]:
     return cols + [f"intensity_mean-{c}" for c in range(channels)]
 
 
-def _regionprops():
-    try:
-        from skimage.measure import regionprops
-    except ImportError as err:
-        raise ValueError("--measurements needs scikit-image: pip install 'bionet_fast[instances]'") from err
-    return regionprops
-
-
 class _StreamFile:
     """A file written incrementally under a temporary name, renamed on close (atomic)."""
 
@@ -82,39 +76,14 @@ class _StreamFile:
             os.unlink(self.tmp)
 
 
-def _ring_length_area(ring: np.ndarray) -> tuple[float, float]:
-    d = np.diff(ring, axis=0)
-    x, y = ring[:, 0], ring[:, 1]
-    return float(np.hypot(d[:, 0], d[:, 1]).sum()), 0.5 * abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
-
-
-def _hull_area(points: np.ndarray) -> float:
-    """Area of the convex hull of (n, 2) points (monotone chain)."""
-    pts = sorted(set(map(tuple, points.tolist())))
-    if len(pts) < 3:
-        return 0.0
-
-    def half(seq):
-        out = []
-        for p in seq:
-            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
-                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
-                out.pop()
-            out.append(p)
-        return out
-
-    hull = np.array(half(pts)[:-1] + half(pts[::-1])[:-1] + [pts[0]], np.float64)
-    return _ring_length_area(hull)[1]
-
-
-def geojson_measurements(ring: np.ndarray, mpp: Optional[float]) -> dict:
-    """QuPath's shape measurements of a closed ring (n, 2) in level-0 pixels (see module docstring)."""
-    length, area = _ring_length_area(ring)
+def geojson_measurements(ring: np.ndarray, perimeter: float, solidity: float, mpp: Optional[float]) -> dict:
+    """QuPath's shape measurements of a closed ring (n, 2) with `perimeter`, both in level-0
+    pixels, and `solidity` (see the module docstring)."""
+    area = polygon_area(ring)
     unit, s = ("µm", mpp) if mpp else ("px", 1.0)
-    hull = _hull_area(ring)
-    return {f"Area {unit}^2": round(area * s * s, 4), f"Length {unit}": round(length * s, 4),
-            "Circularity": round(4 * math.pi * area / length ** 2, 4) if length else 0.0,
-            "Solidity": round(area / hull, 4) if hull else 1.0}
+    return {f"Area {unit}^2": round(area * s * s, 4), f"Length {unit}": round(perimeter * s, 4),
+            "Circularity": round(min(1.0, 4 * math.pi * area / perimeter ** 2), 4) if perimeter else 0.0,
+            "Solidity": round(solidity, 4)}
 
 
 class ObjectOutputs:
@@ -139,7 +108,6 @@ class ObjectOutputs:
             self.roifile = roifile
             self.rois = _StreamFile(folder / f"{name}_rois.zip", binary=True)
             self.zip = zipfile.ZipFile(self.rois.f, "w", zipfile.ZIP_DEFLATED)
-        self.regionprops = _regionprops() if measurements else None
         if self.geo:
             self.geo.f.write('{"type": "FeatureCollection", "features": [\n')
         if self.csv:
@@ -173,10 +141,11 @@ class ObjectOutputs:
             else:
                 ring0 = np.round(ring0, 3)
         means = self._means(obj, y0, x0) if self.geo or self.csv else []
+        rp = shape_features(obj) if self.geo or self.csv else None
         if self.geo:
-            self._feature(label, ring0, mean_p, klass, means)
+            self._feature(label, ring0, rp, mean_p, klass, means)
         if self.csv:
-            self._row(label, obj, ys, xs, y0, x0, pixels, cx, cy, mean_p, klass, mpp0, means)
+            self._row(label, rp, ys, xs, y0, x0, pixels, cx, cy, mean_p, klass, mpp0, means)
         if self.rois is not None:
             self._roi(label, ring0)
 
@@ -191,8 +160,9 @@ class ObjectOutputs:
         patch = self.image(y0, x0, *obj.shape).reshape(*obj.shape, -1).astype(np.float64)
         return [round(float(patch[..., c][obj].mean()), 3) for c in range(patch.shape[-1])]
 
-    def _feature(self, label, ring0, mean_p, klass, means) -> None:
-        measurements = geojson_measurements(ring0, self.geometry.level0_mpp)
+    def _feature(self, label, ring0, rp, mean_p, klass, means) -> None:
+        length = math.sqrt(self.geometry.scale[0] * self.geometry.scale[1])  # level-0 px per predicted px
+        measurements = geojson_measurements(ring0, rp["perimeter"] * length, rp["solidity"], self.geometry.level0_mpp)
         names = _RGB if self.channels == 3 else [f"Channel {c + 1}" for c in range(self.channels)]
         for n, v in zip(names, means):
             measurements[f"{n}: Mean"] = v
@@ -207,21 +177,20 @@ class ObjectOutputs:
         self.geo.f.write(("" if self.count == 1 else ",\n") + json.dumps(feature, separators=(",", ":"),
                                                                          ensure_ascii=False))
 
-    def _row(self, label, obj, ys, xs, y0, x0, pixels, cx, cy, mean_p, klass, mpp0, means) -> None:
+    def _row(self, label, rp, ys, xs, y0, x0, pixels, cx, cy, mean_p, klass, mpp0, means) -> None:
         sy, sx = self.geometry.scale
         length = math.sqrt(sy * sx)  # level-0 pixels per predicted pixel along a line
-        rp = self.regionprops(obj.astype(np.uint8))[0]
         area = pixels * sy * sx
-        perimeter = float(rp.perimeter) * length
+        perimeter = rp["perimeter"] * length
         row = {"label": label, "centroid_x": round(cx, 2), "centroid_y": round(cy, 2),
                "centroid_x_um": round(cx * mpp0, 3) if mpp0 else "", "centroid_y_um": round(cy * mpp0, 3) if mpp0 else "",
                "area_px": int(area) if self.geometry.identity else round(area, 2),
                "area_um2": round(area * mpp0 ** 2, 4) if mpp0 else "",
                "perimeter": round(perimeter, 3), "perimeter_um": round(perimeter * mpp0, 3) if mpp0 else "",
-               "eccentricity": round(float(rp.eccentricity), 4), "solidity": round(float(rp.solidity), 4),
-               "axis_major_length": round(float(rp.axis_major_length) * length, 3),
-               "axis_minor_length": round(float(rp.axis_minor_length) * length, 3),
-               "orientation": round(float(rp.orientation), 4), "mean_probability": mean_p,
+               "eccentricity": round(rp["eccentricity"], 4), "solidity": round(rp["solidity"], 4),
+               "axis_major_length": round(rp["axis_major_length"] * length, 3),
+               "axis_minor_length": round(rp["axis_minor_length"] * length, 3),
+               "orientation": round(rp["orientation"], 4), "mean_probability": mean_p,
                "bbox_x0": math.floor((x0 + int(xs.min())) * sx), "bbox_y0": math.floor((y0 + int(ys.min())) * sy),
                "bbox_x1": math.ceil((x0 + int(xs.max()) + 1) * sx), "bbox_y1": math.ceil((y0 + int(ys.max()) + 1) * sy)}
         if klass is not None or "class" in self.columns:

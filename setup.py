@@ -12,7 +12,7 @@ from setuptools import setup
 TRAIN = ["matplotlib", "tqdm", "PyYAML"]
 HUB = ["huggingface_hub"]
 ONNX = ["onnx", "onnxruntime"]
-INSTANCES = ["scipy"]
+INSTANCES = ["scipy", "scikit-image"]
 
 setup(
     name="bionet_fast",
@@ -29,13 +29,16 @@ setup(
         "safetensors",
         "Pillow",
         "tifffile",
+        "imagecodecs",
     ],
     extras_require={
         "train": TRAIN,
         "hub": HUB,
         "onnx": ONNX,
-        # predict --instances / --geojson / --measurements
+        # predict --instances / --geojson / --measurements (scikit-image: perimeter, CSV columns)
         "instances": INSTANCES,
+        # predict --rois: ImageJ ROI zip
+        "rois": ["roifile"],
         # SVS / NDPI / MRXS whole slides (TIFF, BigTIFF, OME-TIFF need only tifffile)
         "slides": ["tiffslide"],
         # Triton ships with CUDA builds of torch; on the CPU it runs the kernels in its interpreter.
@@ -43,6 +46,6 @@ setup(
         "bench": ["pytest-benchmark", "nvidia-ml-py"],
         # kornia only to check the torch augmentation against its warp_affine
         "test": ["pytest", "hypothesis", "triton", "pytest-benchmark", "kornia", *TRAIN, *HUB, *ONNX,
-                 *INSTANCES],
+                 *INSTANCES, "roifile"],
     },
 )

@@ -120,6 +120,10 @@ def test_cli_predicts_at_the_models_pixel_size_and_writes_level0(tmp_path):
     assert not np.array_equal(a, c)  # --mpp overrides
     assert np.array_equal(a[::2, ::2], a[1::2, 1::2])  # nearest: one predicted pixel per 2 x 2
     assert tifffile.imread(tmp_path / "a" / "s_labels.tif").shape == (SIZE, SIZE)
+    Image.fromarray(_slide_level0()[:100, :120]).save(tmp_path / "p.png", dpi=(25400 / 0.25, 25400 / 0.25))
+    assert predict(common[:2] + [str(tmp_path / "p.png")] + common[3:] + ["--out", str(tmp_path / "d")]) == 0
+    assert tifffile.imread(tmp_path / "d" / "p_prob.tif").shape == (1, 100, 120)  # resampled, written at its size
+    assert np.asarray(Image.open(tmp_path / "d" / "p_mask.png")).shape == (100, 120)
 
 
 def test_slide_without_pixel_size_is_predicted_natively_with_one_warning(tmp_path):

@@ -67,7 +67,7 @@ def predict_image(reader, predictor: Callable[[torch.Tensor], torch.Tensor], in_
     if stream.tissue_only:
         thumb, factor = reader.thumbnail() if hasattr(reader, "thumbnail") else (reader.read(0, 0, h, w), 1.0)
         tissue = (tissue_mask(thumb), factor)
-    tiled = not isinstance(reader, ArrayReader)
+    tiled = not isinstance(getattr(reader, "base", reader), ArrayReader)  # a resampled PNG is still a PNG
     stream = replace(stream, label=stream.label or name)
     mpp = getattr(reader, "mpp", None)
     geometry = geometry or SlideGeometry((h, w), (h, w), mpp, mpp)

@@ -88,7 +88,9 @@ def model_card_text(model, repo_id: Optional[str] = None) -> str:
             ("input", f"{cfg.in_channels} channels, values in {list(info.value_range)}, sides multiples "
                       f"of {getattr(model, 'size_multiple', '?')}"),
             ("output", f"{cfg.classes} channel(s), {task}"),
-            ("default inference window", info.tile_size or "whole images")]
+            ("default inference window", info.tile_size or "whole images"),
+            ("pixel size", f"{info.mpp:g} µm/px (predict reads slides at it)" if getattr(info, "mpp", None)
+             else "not recorded (images are predicted at their own resolution)")]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     metrics = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(info.metrics.items())) or "| - | not recorded |"
     tags = "\n".join(f"  - {t}" for t in ("bionet_fast", "image-segmentation", "pytorch", "biomedical",

@@ -288,6 +288,8 @@ def _clean_stale(out: Path, name: str) -> None:
             tmp.unlink(missing_ok=True)
         for tmp in out.glob(f".{name}.geojson.*.tmp"):
             tmp.unlink(missing_ok=True)
+        for tmp in out.glob(f"..{name}_*.tmp"):  # the temporaries of the hidden intermediates above
+            tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

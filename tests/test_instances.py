@@ -104,3 +104,10 @@ def test_abort_leaves_nothing(tmp_path):
     w.put(_disks()[None, :100])
     w.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_trace_outline_survives_corners_where_two_loops_touch():
+    """Two unfilled holes (other nuclei) touching at a corner: the inner outlines pinch there; the
+    outline is still traced (it raised a KeyError) and is the outer ring."""
+    obj = np.array([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1]], bool)
+    assert trace_outline(obj) == [[0, 0], [4, 0], [4, 4], [0, 4], [0, 0]]

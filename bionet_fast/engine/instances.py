@@ -43,27 +43,44 @@ def _ndimage():
 def trace_outline(obj: np.ndarray) -> list[list[int]]:
     """The outer boundary of a hole-free 4-connected object (h, w) bool along pixel edges, as a
     closed ring of [x, y] corner coordinates (collinear corners dropped); its shoelace area equals
-    the pixel count. Of several loops (an object enclosing another) the largest is returned."""
+    the pixel count. Where two of its pixels touch only at a corner (a pinch: the background
+    passes diagonally between them), the ring turns away from the object and passes that corner
+    twice, so the object stays one ring. Of several loops (an object enclosing another) the
+    largest is returned."""
     p = np.pad(obj, 1)
     inner = p[1:-1, 1:-1]
-    nxt = {}
+    nxt: dict = {}
     for (dy, dx), (a, b) in {(-1, 0): ((0, 0), (0, 1)), (0, 1): ((0, 1), (1, 1)),
                              (1, 0): ((1, 1), (1, 0)), (0, -1): ((1, 0), (0, 0))}.items():
         ys, xs = np.nonzero(inner & ~p[1 + dy:p.shape[0] - 1 + dy, 1 + dx:p.shape[1] - 1 + dx])
         for y, x in zip(ys.tolist(), xs.tolist()):
-            nxt[(y + a[0], x + a[1])] = (y + b[0], x + b[1])
+            nxt.setdefault((y + a[0], x + a[1]), []).append((y + b[0], x + b[1]))
     best, best_area = [], -1.0
     while nxt:
         start = min(nxt)
-        ring, v = [start], nxt.pop(start)
-        while v != start:
+        ring, prev, v = [start], start, _take(nxt, start, None)
+        while v != start or start in nxt:
             ring.append(v)
-            v = nxt.pop(v)
+            prev, v = v, _take(nxt, v, (v[0] - prev[0], v[1] - prev[1]))
         area = abs(_shoelace(ring))
         if area > best_area:
             best, best_area = ring, area
     pts = [pt for i, pt in enumerate(best) if not _collinear(best[i - 1], pt, best[(i + 1) % len(best)])]
     return [[x, y] for y, x in pts] + [[pts[0][1], pts[0][0]]]
+
+
+def _take(nxt: dict, v: tuple, heading) -> tuple:
+    """Remove and return the edge out of corner v: at a pinch (two edges out) the one turning left
+    of `heading` (dy, dx), away from the object (which lies right of the clockwise edges)."""
+    outs = nxt[v]
+    i = 0
+    if len(outs) > 1 and heading is not None:
+        left = (-heading[1], heading[0])
+        i = next((k for k, w in enumerate(outs) if (w[0] - v[0], w[1] - v[1]) == left), 0)
+    w = outs.pop(i)
+    if not outs:
+        del nxt[v]
+    return w
 
 
 def _shoelace(ring) -> float:

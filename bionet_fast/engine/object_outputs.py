@@ -4,7 +4,8 @@
 was predicted at, and maps it to level 0 (`engine.pixel_size.SlideGeometry`):
 
 - NAME.geojson: a FeatureCollection of QuPath detections (drag and drop onto the slide). The
-  measurements carry QuPath's own names: "Area µm^2" (of the polygon: the pixel count), "Length
+  measurements carry QuPath's own names: "Area µm^2" (the pixel count; the polygon's own area
+  unless another nucleus sits in a notch of it, inside its outer ring), "Length
   µm" (the perimeter, as `skimage.measure.perimeter` estimates it: the outline along pixel edges
   would overestimate a disc's by 4/pi), "Circularity" (4 pi area / length^2, at most 1),
   "Solidity" (area / convex hull area); "Area px^2" and "Length px" where the pixel size is
@@ -35,7 +36,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ..utils.files import commit, temp_beside
-from .measurements import polygon_area, shape_features
+from .measurements import shape_features
 from .pixel_size import SlideGeometry
 
 __all__ = ["ObjectOutputs", "csv_columns", "CLASS_COLORS", "geojson_measurements"]
@@ -76,10 +77,9 @@ class _StreamFile:
             os.unlink(self.tmp)
 
 
-def geojson_measurements(ring: np.ndarray, perimeter: float, solidity: float, mpp: Optional[float]) -> dict:
-    """QuPath's shape measurements of a closed ring (n, 2) with `perimeter`, both in level-0
-    pixels, and `solidity` (see the module docstring)."""
-    area = polygon_area(ring)
+def geojson_measurements(area: float, perimeter: float, solidity: float, mpp: Optional[float]) -> dict:
+    """QuPath's shape measurements from the area and perimeter in level-0 pixels and the solidity
+    (see the module docstring)."""
     unit, s = ("µm", mpp) if mpp else ("px", 1.0)
     return {f"Area {unit}^2": round(area * s * s, 4), f"Length {unit}": round(perimeter * s, 4),
             "Circularity": round(min(1.0, 4 * math.pi * area / perimeter ** 2), 4) if perimeter else 0.0,
@@ -143,7 +143,7 @@ class ObjectOutputs:
         means = self._means(obj, y0, x0) if self.geo or self.csv else []
         rp = shape_features(obj) if self.geo or self.csv else None
         if self.geo:
-            self._feature(label, ring0, rp, mean_p, klass, means)
+            self._feature(label, ring0, pixels * sy * sx, rp, mean_p, klass, means)
         if self.csv:
             self._row(label, rp, ys, xs, y0, x0, pixels, cx, cy, mean_p, klass, mpp0, means)
         if self.rois is not None:
@@ -160,9 +160,9 @@ class ObjectOutputs:
         patch = self.image(y0, x0, *obj.shape).reshape(*obj.shape, -1).astype(np.float64)
         return [round(float(patch[..., c][obj].mean()), 3) for c in range(patch.shape[-1])]
 
-    def _feature(self, label, ring0, rp, mean_p, klass, means) -> None:
+    def _feature(self, label, ring0, area, rp, mean_p, klass, means) -> None:
         length = math.sqrt(self.geometry.scale[0] * self.geometry.scale[1])  # level-0 px per predicted px
-        measurements = geojson_measurements(ring0, rp["perimeter"] * length, rp["solidity"], self.geometry.level0_mpp)
+        measurements = geojson_measurements(area, rp["perimeter"] * length, rp["solidity"], self.geometry.level0_mpp)
         names = _RGB if self.channels == 3 else [f"Channel {c + 1}" for c in range(self.channels)]
         for n, v in zip(names, means):
             measurements[f"{n}: Mean"] = v

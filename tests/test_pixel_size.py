@@ -286,3 +286,13 @@ def test_shape_features_equal_skimage_regionprops_table():
         assert abs((got["orientation"] - float(want["orientation"][0]) + np.pi / 2) % np.pi - np.pi / 2) < 1e-6
         # polygon hull of the pixel squares vs regionprops' convex hull image: within a few per cent
         assert got["solidity"] == pytest.approx(float(want["solidity"][0]), rel=0.03)
+
+
+def test_abort_leaves_nothing_with_every_output(tmp_path):
+    geo = SlideGeometry((40, 40), (80, 80), 0.5, 0.25)
+    w = InstanceWriter(tmp_path, "x", (40, 40), True, True, True, rois=True, geometry=geo)
+    p = np.zeros((1, 40, 40), np.float32)
+    p[0, 5:12, 5:12] = 0.9
+    w.put(p[:, :20])
+    w.abort()
+    assert list(tmp_path.iterdir()) == []

@@ -220,6 +220,11 @@ class ObjectOutputs:
         return paths
 
     def abort(self) -> None:
+        if self.rois is not None:
+            try:  # the zip's directory is written into a file that is then deleted
+                self.zip.close()
+            except (OSError, ValueError):
+                pass
         for part in (self.geo, self.csv, self.rois):
             if part is not None:
                 part.abort()

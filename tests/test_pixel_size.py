@@ -296,3 +296,19 @@ def test_abort_leaves_nothing_with_every_output(tmp_path):
     w.put(p[:, :20])
     w.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "lzw"])
+def test_jpeg_and_lzw_tiles_are_read(tmp_path, compression):
+    """SVS / NDPI tiles are JPEG, MoNuSeg's images LZW: imagecodecs (installed with bionet_fast) decodes them."""
+    from bionet_fast.engine.slide import open_slide
+
+    img = _slide_level0()
+    tifffile.imwrite(tmp_path / "j.tif", img, photometric="rgb", tile=(64, 64), compression=compression,
+                     description="Aperio Image Library|MPP = 0.25")
+    r = open_slide(tmp_path / "j.tif")
+    got = r.read(10, 70, 100, 90)
+    r.close()
+    assert r.mpp == pytest.approx(0.25)
+    tol = 12 if compression == "jpeg" else 0
+    assert np.abs(got.astype(int) - img[10:110, 70:160]).mean() <= tol

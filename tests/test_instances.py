@@ -11,7 +11,7 @@ import tifffile
 import torch
 from scipy import ndimage
 
-from bionet_fast.engine.instances import InstanceWriter, trace_outline
+from bionet_fast.engine.instances import InstanceWriter, trace_outline, trace_rings
 from bionet_fast.engine.slide import TiffReader
 from bionet_fast.engine.streaming import StreamOptions
 from bionet_fast.engine.whole_slide import OutputOptions, predict_image
@@ -111,3 +111,14 @@ def test_trace_outline_survives_corners_where_two_loops_touch():
     outline is still traced (it raised a KeyError) and is the outer ring."""
     obj = np.array([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1]], bool)
     assert trace_outline(obj) == [[0, 0], [4, 0], [4, 4], [0, 4], [0, 0]]
+    rings = trace_rings(obj)  # the outer ring, then the two holes, touching at a corner
+    assert rings[1:] == [[[1, 1], [1, 2], [2, 2], [2, 1], [1, 1]], [[2, 2], [2, 3], [3, 3], [3, 2], [2, 2]]]
+
+
+def test_rings_of_objects_with_holes_and_pinches_have_the_pixel_area():
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        lab, n = ndimage.label(rng.random((14, 14)) > 0.4)  # holes not filled: other nuclei inside
+        for k in range(1, n + 1):
+            rings = trace_rings(lab == k)
+            assert _polygon_area(rings[0]) - sum(_polygon_area(r) for r in rings[1:]) == (lab == k).sum()

@@ -26,7 +26,7 @@ from .label_writer import LabelWriter
 from .object_outputs import BASE_COLUMNS as CSV_COLUMNS, ObjectOutputs
 from .pixel_size import SlideGeometry
 
-__all__ = ["InstanceWriter", "trace_outline", "CSV_COLUMNS"]
+__all__ = ["InstanceWriter", "trace_outline", "trace_rings", "CSV_COLUMNS"]
 
 _DROPPED = np.iinfo(np.uint32).max  # finished but below --min-area: not re-labelled, written as 0
 
@@ -43,10 +43,16 @@ def _ndimage():
 def trace_outline(obj: np.ndarray) -> list[list[int]]:
     """The outer boundary of a hole-free 4-connected object (h, w) bool along pixel edges, as a
     closed ring of [x, y] corner coordinates (collinear corners dropped); its shoelace area equals
-    the pixel count. Where two of its pixels touch only at a corner (a pinch: the background
-    passes diagonally between them), the ring turns away from the object and passes that corner
-    twice, so the object stays one ring. Of several loops (an object enclosing another) the
-    largest is returned."""
+    the pixel count. See `trace_rings`; an object with holes: its outer ring."""
+    return trace_rings(obj)[0]
+
+
+def trace_rings(obj: np.ndarray) -> list[list[list[int]]]:
+    """The boundary of a 4-connected object (h, w) bool along pixel edges: the outer ring, then
+    one ring per hole (holes left where other nuclei sit), each closed, [x, y] corner coordinates,
+    collinear corners dropped; outer area minus hole areas equals the pixel count. Where two of
+    its pixels touch only at a corner (a pinch), the ring turns away from the object and passes
+    that corner twice, so no ring is cut there."""
     p = np.pad(obj, 1)
     inner = p[1:-1, 1:-1]
     nxt: dict = {}
@@ -55,18 +61,19 @@ def trace_outline(obj: np.ndarray) -> list[list[int]]:
         ys, xs = np.nonzero(inner & ~p[1 + dy:p.shape[0] - 1 + dy, 1 + dx:p.shape[1] - 1 + dx])
         for y, x in zip(ys.tolist(), xs.tolist()):
             nxt.setdefault((y + a[0], x + a[1]), []).append((y + b[0], x + b[1]))
-    best, best_area = [], -1.0
+    rings = []
     while nxt:
         start = min(nxt)
         ring, prev, v = [start], start, _take(nxt, start, None)
         while v != start or start in nxt:
             ring.append(v)
             prev, v = v, _take(nxt, v, (v[0] - prev[0], v[1] - prev[1]))
-        area = abs(_shoelace(ring))
-        if area > best_area:
-            best, best_area = ring, area
-    pts = [pt for i, pt in enumerate(best) if not _collinear(best[i - 1], pt, best[(i + 1) % len(best)])]
-    return [[x, y] for y, x in pts] + [[pts[0][1], pts[0][0]]]
+        rings.append((abs(_shoelace(ring)), len(rings), ring))
+    out = []
+    for _, _, ring in sorted(rings, key=lambda r: (-r[0], r[1])):  # the outer ring encloses the others
+        pts = [pt for i, pt in enumerate(ring) if not _collinear(ring[i - 1], pt, ring[(i + 1) % len(ring)])]
+        out.append([[x, y] for y, x in pts] + [[pts[0][1], pts[0][0]]])
+    return out
 
 
 def _take(nxt: dict, v: tuple, heading) -> tuple:
@@ -163,9 +170,9 @@ class InstanceWriter:
         self.final[sl][filled] = self.count
         if self.objects.wanted:
             y0, x0 = self.top + sl[0].start, sl[1].start
-            ring = trace_outline(filled) if self.objects.geo or self.objects.rois is not None else None
+            rings = trace_rings(filled) if self.objects.geo or self.objects.rois is not None else None
             cls = self.cls[sl] if self.cls is not None and len(self.cls) else None
-            self.objects.add(self.count, filled, y0, x0, self.prob[sl], ring, cls)
+            self.objects.add(self.count, filled, y0, x0, self.prob[sl], rings, cls)
 
     def close(self) -> list[Path]:
         """Finish the files (rename them into place); returns their paths."""

@@ -4,8 +4,8 @@
 was predicted at, and maps it to level 0 (`engine.pixel_size.SlideGeometry`):
 
 - NAME.geojson: a FeatureCollection of QuPath detections (drag and drop onto the slide). The
-  measurements carry QuPath's own names: "Area µm^2" (the pixel count; the polygon's own area
-  unless another nucleus sits in a notch of it, inside its outer ring), "Length
+  polygon has a hole where another nucleus sits inside it. The measurements carry QuPath's own
+  names: "Area µm^2" (the pixel count: the polygon's area), "Length
   µm" (the perimeter, as `skimage.measure.perimeter` estimates it: the outline along pixel edges
   would overestimate a disc's by 4/pi), "Circularity" (4 pi area / length^2, at most 1),
   "Solidity" (area / convex hull area); "Area px^2" and "Length px" where the pixel size is
@@ -121,10 +121,11 @@ class ObjectOutputs:
         return bool(self.geo or self.csv or self.rois)
 
     def add(self, label: int, obj: np.ndarray, y0: int, x0: int, prob: np.ndarray,
-            ring: Optional[list], cls: Optional[np.ndarray] = None) -> None:
+            rings: Optional[list], cls: Optional[np.ndarray] = None) -> None:
         """One nucleus: obj (h, w) bool at predicted pixels (y0, x0) of the predicted image; prob
-        (h, w) its probability patch; ring its outline (trace_outline, patch corner coordinates);
-        cls (h, w) the argmax class patch (K classes)."""
+        (h, w) its probability patch; rings its outline, outer ring first, then holes
+        (engine.instances.trace_rings, patch corner coordinates); cls (h, w) the argmax class patch
+        (K classes)."""
         self.count += 1
         sy, sx = self.geometry.scale
         mpp0 = self.geometry.level0_mpp
@@ -133,21 +134,22 @@ class ObjectOutputs:
         cx, cy = (float(xs.mean()) + 0.5 + x0) * sx, (float(ys.mean()) + 0.5 + y0) * sy
         klass = self._class(cls, obj) if cls is not None and self.class_names is not None else None
         mean_p = round(float(prob[obj].mean()), 4)
-        ring0 = None
-        if ring is not None:
-            ring0 = (np.asarray(ring, np.float64) + [x0, y0]) * [sx, sy]
-            if np.array_equal(ring0, np.round(ring0)):  # pixel corners (an integer scale): exact
-                ring0 = ring0.astype(np.int64)
-            else:
-                ring0 = np.round(ring0, 3)
+        rings0 = [self._to_level0(r, x0, y0) for r in rings] if rings is not None else None
         means = self._means(obj, y0, x0) if self.geo or self.csv else []
         rp = shape_features(obj) if self.geo or self.csv else None
         if self.geo:
-            self._feature(label, ring0, pixels * sy * sx, rp, mean_p, klass, means)
+            self._feature(label, rings0, pixels * sy * sx, rp, mean_p, klass, means)
         if self.csv:
             self._row(label, rp, ys, xs, y0, x0, pixels, cx, cy, mean_p, klass, mpp0, means)
         if self.rois is not None:
-            self._roi(label, ring0)
+            self._roi(label, rings0[0])
+
+    def _to_level0(self, ring: list, x0: int, y0: int) -> np.ndarray:
+        sy, sx = self.geometry.scale
+        ring0 = (np.asarray(ring, np.float64) + [x0, y0]) * [sx, sy]
+        if np.array_equal(ring0, np.round(ring0)):  # pixel corners (an integer scale): exact
+            return ring0.astype(np.int64)
+        return np.round(ring0, 3)
 
     def _class(self, cls: np.ndarray, obj: np.ndarray) -> Optional[int]:
         counts = np.bincount(cls[obj].ravel(), minlength=len(self.class_names))
@@ -160,7 +162,7 @@ class ObjectOutputs:
         patch = self.image(y0, x0, *obj.shape).reshape(*obj.shape, -1).astype(np.float64)
         return [round(float(patch[..., c][obj].mean()), 3) for c in range(patch.shape[-1])]
 
-    def _feature(self, label, ring0, area, rp, mean_p, klass, means) -> None:
+    def _feature(self, label, rings0, area, rp, mean_p, klass, means) -> None:
         length = math.sqrt(self.geometry.scale[0] * self.geometry.scale[1])  # level-0 px per predicted px
         measurements = geojson_measurements(area, rp["perimeter"] * length, rp["solidity"], self.geometry.level0_mpp)
         names = _RGB if self.channels == 3 else [f"Channel {c + 1}" for c in range(self.channels)]
@@ -173,7 +175,7 @@ class ObjectOutputs:
             props["classification"] = {"name": self.class_names[klass],
                                        "color": list(CLASS_COLORS[(klass - 1) % len(CLASS_COLORS)])}
         feature = {"type": "Feature", "id": f"nucleus-{label}",
-                   "geometry": {"type": "Polygon", "coordinates": [ring0.tolist()]}, "properties": props}
+                   "geometry": {"type": "Polygon", "coordinates": [r.tolist() for r in rings0]}, "properties": props}
         self.geo.f.write(("" if self.count == 1 else ",\n") + json.dumps(feature, separators=(",", ":"),
                                                                          ensure_ascii=False))
 

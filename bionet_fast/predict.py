@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "config.json, else each image's own)")
     p.add_argument("--tissue-only", action="store_true",
                    help="skip windows without tissue (threshold on a low-resolution thumbnail)")
-    p.add_argument("--instances", action="store_true", help="also write NAME_labels.tif (uint32 nuclei labels)")
+    p.add_argument("--instances", action="store_true",
+                   help="also write NAME_labels.tif (nuclei labels: uint16 below 65,536 nuclei, else uint32)")
     p.add_argument("--geojson", action="store_true", help="also write NAME.geojson (QuPath detections)")
     p.add_argument("--measurements", action="store_true", help="also write NAME_nuclei.csv")
     p.add_argument("--rois", action="store_true", help="also write NAME_rois.zip (ImageJ ROIs; needs roifile)")

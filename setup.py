@@ -43,6 +43,8 @@ setup(
         "onnx": ONNX,
         # predict --instances / --geojson / --measurements; training on Aperio XML / QuPath GeoJSON
         "instances": INSTANCES,
+        # predict --rois: ImageJ ROI zip
+        "rois": ["roifile"],
         # SVS / NDPI / MRXS whole slides (TIFF, BigTIFF, OME-TIFF need only tifffile)
         "slides": ["tiffslide"],
         # Triton ships with CUDA builds of torch; on the CPU it runs the kernels in its interpreter.
@@ -51,6 +53,6 @@ setup(
         "docs": DOCS,
         # kornia only to check the torch augmentation against its warp_affine
         "test": ["pytest", "hypothesis", "triton", "pytest-benchmark", "kornia", *TRAIN, *HUB, *ONNX,
-                 *INSTANCES, *DOCS],
+                 *INSTANCES, *DOCS, "roifile"],
     },
 )

@@ -18,9 +18,15 @@ For each image NAME writes:
     NAME_mask.tif   uint8 mask as above
     NAME_prob.tif   uint16 probability (0..65535 = 0..1; float32 with --prob-format tiff), one grey
                     page per class
-  --instances       NAME_labels.tif: uint32 nuclei labels (connected components, holes filled)
-  --geojson         NAME.geojson: one polygon per nucleus (QuPath: drag and drop onto the image)
-  --measurements    NAME_nuclei.csv: label, centroid, area, mean probability, bounding box
+  --instances       NAME_labels.tif: nuclei labels (connected components, holes filled), uint16
+                    below 65,536 nuclei, else uint32
+  --geojson         NAME.geojson: one polygon per nucleus with QuPath's measurement names and, for
+                    K classes, a classification (QuPath: drag and drop onto the image)
+  --measurements    NAME_nuclei.csv: label, centroid, area, regionprops shape and intensity columns
+  --rois            NAME_rois.zip: ImageJ ROIs (Fiji's ROI Manager)
+Pixel size: each image is read at the model's pixel size (config.json, from its training data, or
+--mpp): the next finer pyramid level, resampled; the outputs are in the slide's level-0 pixels
+and pixel size, so they overlay the original. An image without a pixel size is predicted as it is.
 Multi-page TIFF stacks give NAME_mask.tif (Z grey pages) / NAME_prob.tif (ImageJ ZCYX); a TIFF
 whose pages differ in size gives one output page per input page.
 Outputs appear under their names only when complete; a rerun skips images whose outputs are all
@@ -39,6 +45,7 @@ if __name__ == "__main__":  # this program's own process only, before torch load
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +57,8 @@ from .data.readers import IMAGE_EXTS, TIFF_EXTS, match_channels, read_image, rea
 from .engine.cuda_graph import graphed_forward
 from .engine.inference import TASKS, infer, load_for_inference, window_predictor
 from .engine.precision import PRECISIONS, autocast_context, prepare_model, resolve_precision
-from .engine.slide import SLIDE_EXTS, file_mpp, open_slide
+from .engine.pixel_size import min_area_pixels, open_for_prediction, parse_min_area
+from .engine.slide import SLIDE_EXTS, file_mpp
 from .engine.streaming import StreamOptions
 from .engine.whole_slide import OutputOptions, expected_outputs, predict_image
 from .engine.writers import write_outputs, write_pages, write_stack
@@ -117,14 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="windows per model call (default 4)")
     p.add_argument("--precision", choices=PRECISIONS, help="default: bf16 on CUDA and on CPUs with native bf16 "
                    "(AVX512-BF16 / AMX), else fp32; bf16/fp16 run channels_last")
-    p.add_argument("--level", type=int, help="pyramid level to read (0 = full resolution)")
-    p.add_argument("--mpp", type=float, help="read the pyramid level nearest this many micrometres per pixel")
+    p.add_argument("--level", type=int, help="predict this pyramid level as it is (0 = full resolution; outputs "
+                                             "still in level-0 coordinates)")
+    p.add_argument("--mpp", type=float, help="predict at this many micrometres per pixel (the next finer pyramid "
+                                             "level, resampled; default: the model's pixel size from its "
+                                             "config.json, else each image's own)")
     p.add_argument("--tissue-only", action="store_true",
                    help="skip windows without tissue (threshold on a low-resolution thumbnail)")
-    p.add_argument("--instances", action="store_true", help="also write NAME_labels.tif (uint32 nuclei labels)")
+    p.add_argument("--instances", action="store_true",
+                   help="also write NAME_labels.tif (nuclei labels: uint16 below 65,536 nuclei, else uint32)")
     p.add_argument("--geojson", action="store_true", help="also write NAME.geojson (QuPath detections)")
     p.add_argument("--measurements", action="store_true", help="also write NAME_nuclei.csv")
-    p.add_argument("--min-area", type=int, default=0, help="drop nuclei smaller than this many pixels")
+    p.add_argument("--rois", action="store_true", help="also write NAME_rois.zip (ImageJ ROIs; needs roifile)")
+    p.add_argument("--min-area", metavar="AREA",
+                   help="drop nuclei smaller than this: 10um2, 15px, or a number (um2 where the pixel size "
+                        "is known, else level-0 pixels); default 10um2, or 15px without a pixel size")
     p.add_argument("--threshold", type=float,
                    help="nucleus where the probability exceeds this (default: the model's, from its config.json; 0.5)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
@@ -141,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Every numeric option, checked before any work by _cli.check_numbers (the message names the flag).
 NUMBERS = dict(tile_size=(lambda v: v >= 1, "a window side >= 1, e.g. 512"), overlap=FRACTION,
-               batch_size=AT_LEAST_1, min_area=(lambda v: v >= 0, "a pixel count >= 0"),
+               batch_size=AT_LEAST_1,
                level=(lambda v: v >= 0, "a pyramid level >= 0"),
                mpp=(lambda v: v > 0, "micrometres per pixel > 0, e.g. 0.5"),
                sr_scale=(lambda v: v >= 1, "an integer factor >= 1"), threshold=PROBABILITY)
@@ -150,6 +165,8 @@ NUMBERS = dict(tile_size=(lambda v: v >= 1, "a window side >= 1, e.g. 512"), ove
 def validate(args: argparse.Namespace) -> None:
     """Every numeric argument checked before any work: a ValueError naming the flag and the fix."""
     check_numbers(args, NUMBERS)
+    if args.min_area is not None:
+        parse_min_area(args.min_area)
     if args.level is not None and args.mpp is not None:
         raise ValueError("--level and --mpp both given: pick the level by one of them")
 
@@ -202,9 +219,17 @@ class _Job:
         self.stream = StreamOptions(tile, args.overlap, args.batch_size, tissue_only=args.tissue_only,
                                     progress=not args.no_progress)
         self.threshold = model_threshold(model, args.threshold)
-        self.outputs = OutputOptions(args.prob_format, args.instances, args.geojson, args.measurements, args.min_area,
-                                     self.threshold)
+        self.outputs = OutputOptions(args.prob_format, args.instances, args.geojson, args.measurements, 0,
+                                     self.threshold, args.rois, class_names(model))
+        info = getattr(model, "inference_info", None)
+        self.mpp = args.mpp or getattr(info, "mpp", None)  # predict at the training data's pixel size
         self.precision = precision
+
+    def _warn_once(self, message: str, **kwargs) -> None:
+        """The first image without a pixel size is named; the others are not (a folder of PNGs)."""
+        if not getattr(self, "_warned", False):
+            print(message + " (said once; other such images are predicted the same way)", **kwargs)
+            self._warned = True
 
     def kind(self, path: Path) -> str:
         if self.task == "super-resolution":
@@ -225,10 +250,11 @@ class _Job:
         kind = self.kind(path)
         cfg = self.model.config
         if kind in ("slide", "image"):
-            reader = open_slide(path, level=self.args.level, mpp=self.args.mpp)
+            reader, geometry = open_for_prediction(path, self.mpp, self.args.level, warn=self._warn_once)
             try:
+                outputs = replace(self.outputs, min_area=min_area_pixels(self.args.min_area, geometry))
                 return predict_image(reader, self.predictor, cfg.in_channels, cfg.classes, self.model.size_multiple,
-                                     self.stream, self.outputs, out, name, self.device)
+                                     self.stream, outputs, out, name, self.device, geometry)
             finally:
                 reader.close()
         if kind == "pages":
@@ -255,12 +281,20 @@ class _Job:
                      channels_last=self.channels_last, out_device="cpu", forward=self.forward)
 
 
+def class_names(model) -> list[str] | None:
+    """Names of the classes 0..K-1 of a K-class model (a classification per nucleus), or None."""
+    k = model.config.classes
+    return ["Background"] + [f"Class {i}" for i in range(1, k)] if k > 1 else None
+
+
 def _clean_stale(out: Path, name: str) -> None:
     """Remove temporary files a killed run left for this image (only this process handles it)."""
     if out.is_dir():
         for tmp in out.glob(f".{name}_*.tmp"):
             tmp.unlink(missing_ok=True)
         for tmp in out.glob(f".{name}.geojson.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for tmp in out.glob(f"..{name}_*.tmp"):  # the temporaries of the hidden intermediates above
             tmp.unlink(missing_ok=True)
 
 

@@ -66,7 +66,7 @@ NUMBERS = dict(t=AT_LEAST_1, multiplier=POSITIVE, depth=AT_LEAST_1, backward_ski
                n_train=AT_LEAST_1, n_val=AT_LEAST_1, epochs=AT_LEAST_1, steps=AT_LEAST_1, batch_size=AT_LEAST_1,
                lr=AT_LEAST_0, lr_decay=AT_LEAST_0, precise_bn=AT_LEAST_0, seed=AT_LEAST_0, tile_size=AT_LEAST_1,
                save_every_steps=AT_LEAST_0, save_every_minutes=POSITIVE, threads=AT_LEAST_1,
-               grad_accum_steps=AT_LEAST_1, clip_grad=POSITIVE,
+               grad_accum_steps=AT_LEAST_1, clip_grad=POSITIVE, train_mpp=POSITIVE,
                model_ema_decay=(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.999"))
 ARCH = ("arch", "t", "multiplier", "depth", "backward_skips", "integrate", "padding_mode", "in_channels", "classes", "task")
 
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     d("--data-format", "--format", default="auto", choices=("auto", "folder", "tnbc", "tiff-stack", "annotated"),
       help="dataset layout (default: auto-detect; MoNuSeg as downloaded, Aperio XML / QuPath GeoJSON: "
            "docs/real-data.md)")
+    d("--train-mpp", type=float, metavar="UM",
+      help="pixel size of the training images in micrometres per pixel (default: read from their files); "
+           "saved in config.json, predict reads slides at it")
     d("--image-size", type=int, help="train on random square crops of this side (multiple of 2**(depth+1)); "
                                      "default: whole images (synthetic: 64)")
     d("--no-augment", action="store_true", help="turn off rotation/shift/shear/zoom/flip augmentation")
@@ -312,6 +315,8 @@ def run(args: TrainConfig, changes: list[str] | None = None) -> int:
     try:
         try:
             train, val, train_text, val_text = build_data(args.data)
+            args, mpp_note = _training_mpp(args, train)
+            train_text += f"; {mpp_note}" if mpp_note else ""
             plan = None
             if args.memory_budget:
                 args, plan = _memory_plan(args, device, main)
@@ -350,6 +355,20 @@ def run(args: TrainConfig, changes: list[str] | None = None) -> int:
             lock.release()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _training_mpp(args: TrainConfig, train) -> tuple[TrainConfig, str]:
+    """The pixel size of the training data (--train-mpp, else read from the image files) into the
+    run's config, so the "inference" block records it; and a note for the log."""
+    from .data.pixel_size import dataset_mpp
+
+    if args.train_mpp is not None:
+        return args, f"pixel size {args.train_mpp:g} um/px (--train-mpp)"
+    if args.synthetic:
+        return args, ""
+    base = getattr(train, "dataset", train)
+    mpp, note = dataset_mpp([s.image for s in getattr(base, "samples", [])])
+    return dataclasses.replace(args, train_mpp=mpp), note
 
 
 def _memory_plan(args: TrainConfig, device, main: bool):

@@ -53,7 +53,7 @@ def test_config_json_holds_the_inference_block_not_execution_choices(tmp_path):
     assert data["architecture"] == "bionet" and data["iterations"] == 2
     assert data["inference"] == {"task": "segmentation", "sr_scale": None, "threshold": 0.5,
                                  "value_range": [0.0, 1.0], "tile_size": 64, "metrics": {"dice": 0.8},
-                                 "training_data": "synthetic"}
+                                 "training_data": "synthetic", "mpp": None}
     assert not {"backend", "checkpoint_iters", "checkpoint_segments", "checkpoint_stages"} & set(data)
     loaded = bionet_fast.from_pretrained(tmp_path)
     assert loaded.inference_info == model.inference_info

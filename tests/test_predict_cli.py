@@ -195,7 +195,8 @@ def test_masks_use_the_models_stored_threshold_unless_given(tmp_path, ckpt):
         model.inference_info = InferenceInfo(threshold=stored)
         model.save_pretrained(folder)
         out = tmp_path / f"out-{label}"
-        assert predict(_args(folder, out, tmp_path / "x.png", tmp_path / "s.tif", "--instances", *flag)) == 0
+        assert predict(_args(folder, out, tmp_path / "x.png", tmp_path / "s.tif", "--instances", "--min-area", "0",
+                             *flag)) == 0
         want = high if flag else stored
         prob = np.asarray(Image.open(out / "x_prob.png")).astype(np.float64) / 65535
         for mask, p in ((np.asarray(Image.open(out / "x_mask.png")), prob),

@@ -8,30 +8,26 @@ is carried into the next band. So a nucleus cut by a window or row border is ONE
 and traced whole, while memory holds one band plus the carried rows (capped at `max_carry` rows:
 a taller object is cut there, with a warning).
 
-Outputs: NAME_labels.tif (uint32, tiled BigTIFF), NAME.geojson (FeatureCollection, image pixel
-coordinates, one "detection" polygon per label, measurements area and mean probability: QuPath
-imports it by drag and drop), NAME_nuclei.csv (the same table). scipy is needed (the `instances`
-extra).
+Outputs (engine.object_outputs, engine.label_writer), in the slide's level-0 coordinates when
+the image was predicted at another pixel size (`geometry`): NAME_labels.tif (uint16 below 65,536
+nuclei, else uint32; tiled BigTIFF), NAME.geojson (QuPath detections with QuPath's measurement
+names and, for K classes, a classification), NAME_nuclei.csv (regionprops columns), NAME_rois.zip
+(ImageJ ROIs). scipy is needed (the `instances` extra; scikit-image for the CSV, roifile for ROIs).
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from ..utils.files import commit, temp_beside
-from .writers import TiledTiffWriter
+from .label_writer import LabelWriter
+from .object_outputs import BASE_COLUMNS as CSV_COLUMNS, ObjectOutputs
+from .pixel_size import SlideGeometry
 
-__all__ = ["InstanceWriter", "trace_outline", "CSV_COLUMNS"]
+__all__ = ["InstanceWriter", "trace_outline", "trace_rings", "CSV_COLUMNS"]
 
-CSV_COLUMNS = ["label", "centroid_x", "centroid_y", "area_px", "area_um2", "mean_probability",
-               "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]
 _DROPPED = np.iinfo(np.uint32).max  # finished but below --min-area: not re-labelled, written as 0
 
 
@@ -47,27 +43,51 @@ def _ndimage():
 def trace_outline(obj: np.ndarray) -> list[list[int]]:
     """The outer boundary of a hole-free 4-connected object (h, w) bool along pixel edges, as a
     closed ring of [x, y] corner coordinates (collinear corners dropped); its shoelace area equals
-    the pixel count. Of several loops (an object enclosing another) the largest is returned."""
+    the pixel count. See `trace_rings`; an object with holes: its outer ring."""
+    return trace_rings(obj)[0]
+
+
+def trace_rings(obj: np.ndarray) -> list[list[list[int]]]:
+    """The boundary of a 4-connected object (h, w) bool along pixel edges: the outer ring, then
+    one ring per hole (holes left where other nuclei sit), each closed, [x, y] corner coordinates,
+    collinear corners dropped; outer area minus hole areas equals the pixel count. Where two of
+    its pixels touch only at a corner (a pinch), the ring turns away from the object and passes
+    that corner twice, so no ring is cut there."""
     p = np.pad(obj, 1)
     inner = p[1:-1, 1:-1]
-    nxt = {}
+    nxt: dict = {}
     for (dy, dx), (a, b) in {(-1, 0): ((0, 0), (0, 1)), (0, 1): ((0, 1), (1, 1)),
                              (1, 0): ((1, 1), (1, 0)), (0, -1): ((1, 0), (0, 0))}.items():
         ys, xs = np.nonzero(inner & ~p[1 + dy:p.shape[0] - 1 + dy, 1 + dx:p.shape[1] - 1 + dx])
         for y, x in zip(ys.tolist(), xs.tolist()):
-            nxt[(y + a[0], x + a[1])] = (y + b[0], x + b[1])
-    best, best_area = [], -1.0
+            nxt.setdefault((y + a[0], x + a[1]), []).append((y + b[0], x + b[1]))
+    rings = []
     while nxt:
         start = min(nxt)
-        ring, v = [start], nxt.pop(start)
-        while v != start:
+        ring, prev, v = [start], start, _take(nxt, start, None)
+        while v != start or start in nxt:
             ring.append(v)
-            v = nxt.pop(v)
-        area = abs(_shoelace(ring))
-        if area > best_area:
-            best, best_area = ring, area
-    pts = [pt for i, pt in enumerate(best) if not _collinear(best[i - 1], pt, best[(i + 1) % len(best)])]
-    return [[x, y] for y, x in pts] + [[pts[0][1], pts[0][0]]]
+            prev, v = v, _take(nxt, v, (v[0] - prev[0], v[1] - prev[1]))
+        rings.append((abs(_shoelace(ring)), len(rings), ring))
+    out = []
+    for _, _, ring in sorted(rings, key=lambda r: (-r[0], r[1])):  # the outer ring encloses the others
+        pts = [pt for i, pt in enumerate(ring) if not _collinear(ring[i - 1], pt, ring[(i + 1) % len(ring)])]
+        out.append([[x, y] for y, x in pts] + [[pts[0][1], pts[0][0]]])
+    return out
+
+
+def _take(nxt: dict, v: tuple, heading) -> tuple:
+    """Remove and return the edge out of corner v: at a pinch (two edges out) the one turning left
+    of `heading` (dy, dx), away from the object (which lies right of the clockwise edges)."""
+    outs = nxt[v]
+    i = 0
+    if len(outs) > 1 and heading is not None:
+        left = (-heading[1], heading[0])
+        i = next((k for k, w in enumerate(outs) if (w[0] - v[0], w[1] - v[1]) == left), 0)
+    w = outs.pop(i)
+    if not outs:
+        del nxt[v]
+    return w
 
 
 def _shoelace(ring) -> float:
@@ -78,43 +98,28 @@ def _collinear(a, b, c) -> bool:
     return (b[0] - a[0]) * (c[1] - b[1]) == (b[1] - a[1]) * (c[0] - b[0])
 
 
-class _StreamFile:
-    """A text file written incrementally under a temporary name, renamed on close (atomic)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        fd, self.tmp = temp_beside(path)
-        self.f = io.open(fd, "w", newline="")
-
-    def close(self) -> Path:
-        self.f.close()
-        commit(self.tmp, self.path)  # as atomic_write: the umask's mode, fsync, rename, fsync
-        return self.path
-
-    def abort(self) -> None:
-        self.f.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-
-
 class InstanceWriter:
     """Streams (K, n, W) probability bands into labels / GeoJSON / CSV (see the module docstring)."""
 
     def __init__(self, folder: Path, name: str, shape: tuple[int, int], labels: bool = True,
                  geojson: bool = False, measurements: bool = False, min_area: int = 0,
-                 mpp: Optional[float] = None, max_carry: int = 4096, threshold: float = 0.5):
+                 mpp: Optional[float] = None, max_carry: int = 4096, threshold: float = 0.5,
+                 rois: bool = False, geometry: Optional[SlideGeometry] = None, image=None,
+                 class_names: Optional[list[str]] = None):
+        """shape: the predicted image (h, w); geometry: how it maps to the slide's level 0 (default:
+        itself, `mpp` µm/px); image: its reader (engine.slide interface) for intensity columns;
+        class_names: names of classes 0..K-1 for a classification of K-class predictions."""
         self.nd = _ndimage()
         self.threshold = threshold
         self.h, self.w = shape
         self.min_area, self.mpp, self.max_carry = min_area, mpp, max_carry
-        self.labels = TiledTiffWriter(folder / f"{name}_labels.tif", shape, np.uint32, mpp) if labels else None
-        self.geo = _StreamFile(folder / f"{name}.geojson") if geojson else None
-        self.csv = _StreamFile(folder / f"{name}_nuclei.csv") if measurements else None
-        if self.geo:
-            self.geo.f.write('{"type": "FeatureCollection", "features": [\n')
-        if self.csv:
-            self.table = csv.writer(self.csv.f)
-            self.table.writerow(CSV_COLUMNS)
+        geometry = geometry or SlideGeometry(tuple(shape), tuple(shape), mpp, mpp)
+        self.labels = LabelWriter(folder / f"{name}_labels.tif", shape, geometry.level0_shape,
+                                  geometry.level0_mpp) if labels else None
+        self.objects = ObjectOutputs(folder, name, geometry, geojson, measurements, rois,
+                                     image.read if image is not None else None,
+                                     image.shape[2] if image is not None else 0, class_names)
+        self.cls = np.zeros((0, self.w), np.uint8) if class_names else None  # argmax class rows (K classes)
         self.count, self.top, self._warned = 0, 0, False
         self.mask = np.zeros((0, self.w), bool)
         self.prob = np.zeros((0, self.w), np.float32)
@@ -127,6 +132,8 @@ class InstanceWriter:
         self.mask = np.concatenate([self.mask, fg])
         self.prob = np.concatenate([self.prob, p.astype(np.float32)])
         self.final = np.concatenate([self.final, np.zeros(fg.shape, np.uint32)])
+        if self.cls is not None and probs.shape[0] > 1:
+            self.cls = np.concatenate([self.cls, probs.argmax(0).astype(np.uint8)])
         last = self.top + self.mask.shape[0] >= self.h
         self._process(last or self.mask.shape[0] > self.max_carry)
 
@@ -148,6 +155,8 @@ class InstanceWriter:
         if self.labels is not None and cut:
             self.labels.put(np.where(out == _DROPPED, 0, out))
         self.mask, self.prob, self.final = self.mask[cut:], self.prob[cut:], self.final[cut:]
+        if self.cls is not None and len(self.cls):
+            self.cls = self.cls[cut:]
         self.top += cut
 
     def _finish(self, obj: np.ndarray, sl: tuple[slice, slice]) -> None:
@@ -159,42 +168,20 @@ class InstanceWriter:
             return
         self.count += 1
         self.final[sl][filled] = self.count
-        ys, xs = np.nonzero(filled)
-        y0, x0 = self.top + sl[0].start, sl[1].start
-        row = {"label": self.count, "centroid_x": round(float(xs.mean()) + x0 + 0.5, 2),
-               "centroid_y": round(float(ys.mean()) + y0 + 0.5, 2), "area_px": area,
-               "area_um2": round(area * self.mpp ** 2, 4) if self.mpp else "",
-               "mean_probability": round(float(self.prob[sl][filled].mean()), 4),
-               "bbox_x0": x0 + int(xs.min()), "bbox_y0": y0 + int(ys.min()),
-               "bbox_x1": x0 + int(xs.max()) + 1, "bbox_y1": y0 + int(ys.max()) + 1}
-        if self.csv:
-            self.table.writerow([row[c] for c in CSV_COLUMNS])
-        if self.geo:
-            ring = [[x + x0, y + y0] for x, y in trace_outline(filled)]
-            measurements = {"Area px": area, "Mean probability": row["mean_probability"]}
-            if self.mpp:
-                measurements["Area um^2"] = row["area_um2"]
-            feature = {"type": "Feature", "id": f"nucleus-{self.count}",
-                       "geometry": {"type": "Polygon", "coordinates": [ring]},
-                       "properties": {"objectType": "detection", "name": f"Nucleus {self.count}",
-                                      "label": self.count, "measurements": measurements}}
-            self.geo.f.write(("" if self.count == 1 else ",\n") + json.dumps(feature, separators=(",", ":")))
+        if self.objects.wanted:
+            y0, x0 = self.top + sl[0].start, sl[1].start
+            rings = trace_rings(filled) if self.objects.geo or self.objects.rois is not None else None
+            cls = self.cls[sl] if self.cls is not None and len(self.cls) else None
+            self.objects.add(self.count, filled, y0, x0, self.prob[sl], rings, cls)
 
     def close(self) -> list[Path]:
         """Finish the files (rename them into place); returns their paths."""
         if self.mask.shape[0]:
             self._process(True)
-        paths = []
-        if self.labels is not None:
-            paths.append(self.labels.close())
-        if self.geo:
-            self.geo.f.write("\n]}\n")
-            paths.append(self.geo.close())
-        if self.csv:
-            paths.append(self.csv.close())
-        return paths
+        paths = [self.labels.close(self.count)] if self.labels is not None else []
+        return paths + self.objects.close()
 
     def abort(self) -> None:
-        for part in (self.labels, self.geo, self.csv):
+        for part in (self.labels, self.objects):
             if part is not None:
                 part.abort()

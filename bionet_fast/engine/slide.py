@@ -13,7 +13,6 @@ extra). PNG / JPEG / BMP have no random access: they are read whole (they are sm
 """
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
@@ -21,13 +20,13 @@ from typing import Optional
 import numpy as np
 import tifffile
 
+from ..data.pixel_size import file_mpp, tiff_mpp
 from ..data.readers import TIFF_EXTS, read_image
 
 __all__ = ["open_slide", "file_mpp", "TiffReader", "ArrayReader", "OpenSlideReader", "SLIDE_EXTS", "page_shapes"]
 
 SLIDE_EXTS = (".svs", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide")
 _TIFFLIKE = TIFF_EXTS + (".svs", ".ndpi", ".btf", ".tf8", ".tf2")
-_UM_PER_UNIT = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit INCH, CENTIMETER -> micrometres
 
 
 class ArrayReader:
@@ -37,7 +36,8 @@ class ArrayReader:
         self.array = array if array.ndim == 3 else array[..., None]
         self.shape = self.array.shape
         self.dtype = self.array.dtype
-        self.mpp = mpp
+        self.mpp = self.base_mpp = mpp
+        self.level_shapes = [self.shape[:2]]
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         return self.array[y:y + h, x:x + w]
@@ -62,7 +62,7 @@ class TiffReader:
             raise ValueError(f"--level {level}: {self.path} has {len(series.levels)} pyramid level(s) "
                              f"(0..{len(series.levels) - 1})")
         self.level_shapes = [_yx(lv.shape, lv.axes) for lv in series.levels]
-        self.base_mpp = _tiff_mpp(self.tif)
+        self.base_mpp = tiff_mpp(self.tif)
         self.mpp = self.base_mpp * self.level_shapes[0][1] / self.level_shapes[level][1] if self.base_mpp else None
         self.page = series.levels[level].pages[page]
         self.page = self.page.keyframe if not isinstance(self.page, tifffile.TiffPage) else self.page
@@ -166,6 +166,8 @@ class OpenSlideReader:
         self.scale = self.slide.level_downsamples[level]
         mpp = self.slide.properties.get("openslide.mpp-x") or self.slide.properties.get("tiffslide.mpp-x")
         self.mpp = float(mpp) * self.scale if mpp else None
+        self.base_mpp = float(mpp) if mpp else None
+        self.level_shapes = [(h, w) for w, h in self.slide.level_dimensions]
 
     def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         region = self.slide.read_region((int(x * self.scale), int(y * self.scale)), self.level, (w, h))
@@ -194,34 +196,6 @@ def _yx(shape, axes: str) -> tuple[int, int]:
     return shape[axes.index("Y")], shape[axes.index("X")]
 
 
-def _tiff_mpp(tif: tifffile.TiffFile) -> Optional[float]:
-    """Micrometres per pixel of the base level: SVS 'MPP =', OME PhysicalSizeX, TIFF resolution
-    tags in inch or cm, or ImageJ's unit (um / micron); None when the file does not say."""
-    page = tif.pages.first if hasattr(tif.pages, "first") else tif.pages[0]
-    desc = page.description or ""
-    m = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", desc)
-    if m:
-        return float(m.group(1))
-    m = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
-    if m:
-        return float(m.group(1))  # OME's default unit is the micrometre
-    xres = page.resolution[0] if page.resolution else 0
-    if not xres or xres == 1.0 and page.resolutionunit == 1:
-        return None
-    if page.resolutionunit in _UM_PER_UNIT:
-        return _UM_PER_UNIT[page.resolutionunit] / xres
-    unit = (tif.imagej_metadata or {}).get("unit", "")
-    return 1.0 / xres if unit in ("um", "micron", "\\u00B5m", "µm") else None
-
-
-def file_mpp(path: str | Path) -> Optional[float]:
-    """Micrometres per pixel a TIFF records (None for other files or when it does not say)."""
-    if Path(path).suffix.lower() not in _TIFFLIKE:
-        return None
-    with tifffile.TiffFile(path) as tif:
-        return _tiff_mpp(tif)
-
-
 def page_shapes(path: str | Path) -> list[tuple[int, ...]]:
     """(H, W) of every page of a TIFF's first series, without decoding pixels."""
     with tifffile.TiffFile(path) as tif:
@@ -245,7 +219,7 @@ def open_slide(path: str | Path, level: Optional[int] = None, mpp: Optional[floa
     if level or mpp is not None:
         flag = f"--level {level}" if level else f"--mpp {mpp}"
         raise ValueError(f"{flag}: {path} is not a pyramidal image and records no pixel size; drop the flag")
-    return ArrayReader(read_image(path))
+    return ArrayReader(read_image(path), mpp=file_mpp(path))
 
 
 def _nearest_level(path: Path, reader: TiffReader, mpp: float) -> int:

@@ -42,6 +42,7 @@ class TrainConfig:
     train_data: Optional[str] = None
     valid_data: Optional[str] = None
     data_format: str = "auto"
+    train_mpp: Optional[float] = None  # um/px of the training images (--train-mpp, else from their files)
     image_size: Optional[int] = 64
     no_augment: bool = False
     workers: int = 0

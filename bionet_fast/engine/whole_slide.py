@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from .instances import InstanceWriter
+from .label_writer import ScaledBlocks
+from .pixel_size import SlideGeometry, nearest_index
 from .slide import ArrayReader
 from .streaming import StreamOptions, predict_blocks, tissue_mask
 from .writers import TiledTiffWriter, mask_of, prob_to_uint16, split_channels, write_outputs
@@ -33,12 +35,14 @@ class OutputOptions:
     instances: bool = False
     geojson: bool = False
     measurements: bool = False
-    min_area: int = 0
+    min_area: float = 0  # in predicted pixels (engine.pixel_size.min_area_pixels converts --min-area)
     threshold: float = 0.5  # nucleus where p > threshold (one class)
+    rois: bool = False
+    class_names: Optional[list] = None  # K classes: names of classes 0..K-1, for a classification
 
     @property
     def any_instances(self) -> bool:
-        return self.instances or self.geojson or self.measurements
+        return self.instances or self.geojson or self.measurements or self.rois
 
 
 def expected_outputs(name: str, tiled: bool, opts: OutputOptions, classes: int) -> list[str]:
@@ -49,21 +53,25 @@ def expected_outputs(name: str, tiled: bool, opts: OutputOptions, classes: int) 
         tif = opts.prob_format == "tiff" or classes > 1
         names = [f"{name}_mask.png", f"{name}_prob.tif" if tif else f"{name}_prob.png"]
     return names + ([f"{name}_labels.tif"] if opts.instances else []) + \
-        ([f"{name}.geojson"] if opts.geojson else []) + ([f"{name}_nuclei.csv"] if opts.measurements else [])
+        ([f"{name}.geojson"] if opts.geojson else []) + ([f"{name}_nuclei.csv"] if opts.measurements else []) + \
+        ([f"{name}_rois.zip"] if opts.rois else [])
 
 
 def predict_image(reader, predictor: Callable[[torch.Tensor], torch.Tensor], in_channels: int, classes: int,
                   size_multiple: int, stream: StreamOptions, opts: OutputOptions, folder: Path, name: str,
-                  sw_device: torch.device) -> list[Path]:
-    """Predict `reader`'s image (engine.slide reader) and write its outputs into `folder`."""
+                  sw_device: torch.device, geometry: Optional[SlideGeometry] = None) -> list[Path]:
+    """Predict `reader`'s image (engine.slide reader) and write its outputs into `folder`, mapped
+    to the slide's level 0 by `geometry` (default: the image itself)."""
     h, w = reader.shape[:2]
     tissue = None
     if stream.tissue_only:
         thumb, factor = reader.thumbnail() if hasattr(reader, "thumbnail") else (reader.read(0, 0, h, w), 1.0)
         tissue = (tissue_mask(thumb), factor)
-    tiled = not isinstance(reader, ArrayReader)
+    tiled = not isinstance(getattr(reader, "base", reader), ArrayReader)  # a resampled PNG is still a PNG
     stream = replace(stream, label=stream.label or name)
-    sinks = _Sinks(folder, name, (h, w), classes, tiled, opts, getattr(reader, "mpp", None))
+    mpp = getattr(reader, "mpp", None)
+    geometry = geometry or SlideGeometry((h, w), (h, w), mpp, mpp)
+    sinks = _Sinks(folder, name, geometry, classes, tiled, opts, reader)
     try:
         for y, x, block in predict_blocks(reader, predictor, in_channels, size_multiple, stream, sw_device,
                                           tissue=tissue, classes=classes):
@@ -79,30 +87,34 @@ class _Sinks:
     (memory does not grow with the width); assembled into full-width row bands (K, n, W) only for
     the instances (connected components need whole rows) and for in-memory (PNG) inputs."""
 
-    def __init__(self, folder: Path, name: str, shape: tuple[int, int], classes: int, tiled: bool,
-                 opts: OutputOptions, mpp: Optional[float]):
+    def __init__(self, folder: Path, name: str, geometry: SlideGeometry, classes: int, tiled: bool,
+                 opts: OutputOptions, reader):
+        shape, out_shape = geometry.shape, geometry.level0_shape
         self.folder, self.name, self.shape, self.classes, self.tiled = folder, name, shape, classes, tiled
-        self.opts, self.mpp = opts, mpp
+        self.opts, self.mpp, self.geometry = opts, geometry.level0_mpp, geometry
+        mpp = self.mpp
         self.bands: list[np.ndarray] = []
         self.band, self.band_y = None, -1
         self.writers = []
         self.dtype = np.float32 if opts.prob_format == "tiff" else np.uint16
         if tiled:
-            prob_shape = shape if classes == 1 else (*shape, classes)
+            prob_shape = out_shape if classes == 1 else (*out_shape, classes)
             self.prob_path = folder / (f"{name}_prob.tif" if classes == 1 else f".{name}_prob.channels.tmp")
             self.writers += [TiledTiffWriter(self.prob_path, prob_shape, self.dtype, mpp),
-                             TiledTiffWriter(folder / f"{name}_mask.tif", shape, np.uint8, mpp)]
+                             TiledTiffWriter(folder / f"{name}_mask.tif", out_shape, np.uint8, mpp)]
+        self.scaled = [ScaledBlocks(wr, shape, out_shape) for wr in self.writers]  # level-0 pixels
         self.instances = None
         if opts.any_instances:
             self.instances = InstanceWriter(folder, name, shape, opts.instances, opts.geojson, opts.measurements,
-                                            opts.min_area, mpp, threshold=opts.threshold)
+                                            opts.min_area, geometry.mpp, threshold=opts.threshold, rois=opts.rois,
+                                            geometry=geometry, image=reader, class_names=opts.class_names)
 
     def put(self, y: int, x: int, block: np.ndarray) -> None:
         """block (K, n, m): the finished output at rows y.., columns x.."""
         if self.tiled:
             prob = block if self.dtype == np.float32 else prob_to_uint16(block)
-            self.writers[0].put_block(y, x, prob[0] if self.classes == 1 else np.moveaxis(prob, 0, -1))
-            self.writers[1].put_block(y, x, mask_of(block, threshold=self.opts.threshold))
+            self.scaled[0].put_block(y, x, prob[0] if self.classes == 1 else np.moveaxis(prob, 0, -1))
+            self.scaled[1].put_block(y, x, mask_of(block, threshold=self.opts.threshold))
         if self.instances is None and self.tiled:
             return
         if y != self.band_y:
@@ -127,7 +139,11 @@ class _Sinks:
             os.unlink(self.prob_path)
             paths[0] = final
         if not self.tiled:
-            paths = write_outputs(self.folder, self.name, np.concatenate(self.bands, axis=1), "segmentation",
+            out = np.concatenate(self.bands, axis=1)
+            if not self.geometry.identity:  # to level 0: nearest, as the tiled outputs
+                (h, w), (oh, ow) = self.shape, self.geometry.level0_shape
+                out = out[:, nearest_index(h, oh)][:, :, nearest_index(w, ow)]
+            paths = write_outputs(self.folder, self.name, out, "segmentation",
                                   self.opts.prob_format, self.mpp, self.opts.threshold)
         if self.instances is not None:
             paths += self.instances.close()

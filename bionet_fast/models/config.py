@@ -145,6 +145,8 @@ class InferenceInfo:
     (their BatchNorm statistics hold at it), 512 or more for reflect-padded BiO-Nets (window-invariant);
     None = whole images. ``metrics``: a summary of the validation scores the trainer saw (may be empty).
     ``training_data``: a description of the training images (for the model card).
+    ``mpp``: the pixel size of the training images in micrometres per pixel (from their files or
+    ``train --train-mpp``; None = unknown): predict reads every slide at it.
     """
 
     task: str = "segmentation"
@@ -154,6 +156,7 @@ class InferenceInfo:
     tile_size: Optional[int] = None
     metrics: dict = dataclasses.field(default_factory=dict)
     training_data: Optional[str] = None
+    mpp: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.value_range = tuple(float(v) for v in self.value_range)
@@ -166,6 +169,8 @@ class InferenceInfo:
         if not 0.0 < float(self.threshold) < 1.0 or len(self.value_range) != 2:
             raise ValueError(f"invalid inference info: threshold={self.threshold!r} must lie in (0, 1) and "
                              f"value_range={self.value_range!r} must be [low, high]")
+        if self.mpp is not None and not (isinstance(self.mpp, (int, float)) and self.mpp > 0):
+            raise ValueError(f"invalid inference info: mpp={self.mpp!r}; micrometres per pixel > 0, or null")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

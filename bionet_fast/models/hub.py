@@ -107,11 +107,7 @@ def _info(model) -> InferenceInfo:
 
 def _pixel_size(info: InferenceInfo) -> Optional[float]:
     """The training images' pixel size in micrometres, if the inference block records one."""
-    for key in ("mpp", "pixel_size_um", "pixel_size"):
-        value = getattr(info, key, None)
-        if _is_number(value):
-            return float(value)
-    return None
+    return float(info.mpp) if _is_number(info.mpp) else None
 
 
 def _is_number(value: Any) -> bool:
@@ -133,8 +129,9 @@ def _card_body(model, info: InferenceInfo, repo_id: Optional[str], mpp: Optional
                       f"of {getattr(model, 'size_multiple', '?')}"),
             ("output", f"{cfg.classes} channel(s), {task}"),
             ("threshold", info.threshold),
-            ("training pixel size", f"{mpp} um/px" if mpp is not None else "not recorded"),
-            ("default inference window", info.tile_size or "whole images")]
+            ("default inference window", info.tile_size or "whole images"),
+            ("training pixel size", f"{mpp:g} µm/px (predict reads slides at it)" if mpp is not None
+             else "not recorded (images are predicted at their own resolution)")]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     metrics = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(info.metrics.items())) or "| - | not recorded |"
     return f"""# {arch} (t={cfg.iterations})

@@ -172,7 +172,7 @@ def test_model_card(tmp_path):
     model.save_pretrained(tmp_path, license="cc-by-nc-sa-4.0")
     card = (tmp_path / "README.md").read_text()
     n = sum(p.numel() for p in model.parameters())
-    for text in ("# bionet (t=2)", f"{n:,}", "segmentation", "0.5 um/px",
+    for text in ("# bionet (t=2)", f"{n:,}", "segmentation", "0.5 µm/px",
                  "512 synthetic H&E-like images", "| dice | 0.8770 |", "bionet_fast.from_pretrained(",
                  "MICCAI 2020", "Learning Recurrent Bi-directional Connections", "integrate (INT) | True"):
         assert text in card, text

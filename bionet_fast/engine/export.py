@@ -1,5 +1,6 @@
 """Export a model to one self-contained file for other runtimes: ONNX, TorchScript (what QuPath's
-deep-learning extension loads) or a torch.export ExportedProgram.
+deep-learning extension loads), a torch.export ExportedProgram, or an OpenVINO IR (NAME.xml + NAME.bin,
+the metadata also in the model's rt_info).
 
 `export(model, path, format=...)` always traces the reference (plain PyTorch) path, whatever
 backend the model was built with: a reference copy shares the model's state_dict, so the fused
@@ -30,7 +31,7 @@ from torch import nn
 from ..models.pretrained import inference_info
 from ..utils.files import atomic_write, write_json
 
-FORMATS = ("onnx", "torchscript", "exported-program")
+FORMATS = ("onnx", "torchscript", "exported-program", "openvino")
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 
@@ -93,6 +94,8 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx",
         raise ImportError("ONNX export needs the onnx package (and onnxruntime to verify the file): "
                           "pip install bionet_fast[onnx]")
     path = Path(path)
+    if format == "openvino":
+        _check_openvino(path)
     cfg = model.config
     sizes = sizes or default_sizes(model, cfg.in_channels)
     ref = reference_copy(model)
@@ -102,7 +105,8 @@ def export(model: nn.Module, path: str | Path, format: str = "onnx",
     inputs = [torch.rand(shape, generator=gen) for shape in sizes]
     with _reference_backend(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter, not actionable here
-        atomic_write(path, lambda tmp: _WRITERS[format](ref, inputs[0], Path(tmp), opset))
+        writer = _WRITERS[format] if format != "openvino" else _ir_writer(model, path)
+        atomic_write(path, lambda tmp: writer(ref, inputs[0], Path(tmp), opset))
         expected = [ref(x) for x in inputs]
         runner, name = _runner(format, path) if verify else (None, None)
         diffs = {}
@@ -179,9 +183,29 @@ def _write_exported_program(ref: nn.Module, x: torch.Tensor, tmp: Path, opset: i
 _WRITERS = {"onnx": _write_onnx, "torchscript": _write_torchscript, "exported-program": _write_exported_program}
 
 
+def _check_openvino(path: Path) -> None:
+    if importlib.util.find_spec("openvino") is None:
+        raise ImportError("OpenVINO export needs the openvino package: pip install 'bionet_fast[openvino]'")
+    if path.suffix != ".xml":
+        raise ValueError(f"--out {path}: an OpenVINO IR is NAME.xml (+ NAME.bin beside it); "
+                         f"use --out {path.with_suffix('.xml')}")
+
+
+def _ir_writer(model: nn.Module, path: Path):
+    """export()'s writer for the IR: the .bin beside `path`, the metadata in its rt_info."""
+    from .openvino_engine import write_ir
+
+    meta = export_metadata(model, "openvino", {})
+    return lambda ref, x, tmp, opset: write_ir(ref, x, tmp, opset, meta, path)
+
+
 def _runner(format: str, path: Path):
     """(callable x -> output tensor, runtime name) for the written file; (None, None) when the
     runtime is not installed."""
+    if format == "openvino":
+        from .openvino_engine import ir_runner
+
+        return ir_runner(path), "openvino"
     if format == "torchscript":
         loaded = torch.jit.load(str(path)).eval()
         return loaded, "torch.jit.load"

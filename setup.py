@@ -13,6 +13,8 @@ TRAIN = ["matplotlib", "tqdm", "PyYAML"]
 HUB = ["huggingface_hub"]
 ONNX = ["onnx", "onnxruntime"]
 INSTANCES = ["scipy"]
+# the CPU engine of predict / evaluate (engine.engines); onnx: the faster conversion route
+OPENVINO = ["openvino", "onnx"]
 
 setup(
     name="bionet_fast",
@@ -34,6 +36,7 @@ setup(
         "train": TRAIN,
         "hub": HUB,
         "onnx": ONNX,
+        "openvino": OPENVINO,
         # predict --instances / --geojson / --measurements
         "instances": INSTANCES,
         # SVS / NDPI / MRXS whole slides (TIFF, BigTIFF, OME-TIFF need only tifffile)
@@ -43,6 +46,6 @@ setup(
         "bench": ["pytest-benchmark", "nvidia-ml-py"],
         # kornia only to check the torch augmentation against its warp_affine
         "test": ["pytest", "hypothesis", "triton", "pytest-benchmark", "kornia", *TRAIN, *HUB, *ONNX,
-                 *INSTANCES],
+                 *INSTANCES, *OPENVINO],
     },
 )

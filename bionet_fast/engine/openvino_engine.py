@@ -1,8 +1,8 @@
 """OpenVINO as the CPU inference engine: the PyTorch model converted once, compiled at a precision
 and a thread count, and called like the model (windows (N, C, H, W) -> logits (N, K, H, W)).
 
-Conversion goes through the project's own ONNX export (engine.export: the reference path, dynamic
-batch, height and width) and `openvino.convert_model` of that file: measured on this repository's
+Conversion is engine.export.to_openvino: the project's own ONNX export (the reference path, dynamic
+batch, height and width) and `openvino.convert_model` of that file; measured on this repository's
 CPU, it takes about half the CPU time of `convert_model` on the PyTorch module (3.5 s against 6-7 s
 for the default model), and both give the same graph (max probability difference from torch fp32
 6e-8). Without the `onnx` package the PyTorch module is converted directly.
@@ -23,13 +23,14 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
+
+from .export import openvino_route, reference_copy, to_openvino
 
 CACHE_ENV = "BIONET_FAST_OPENVINO_CACHE"
 _OFF = ("", "0", "off", "none", "false")
@@ -63,38 +64,11 @@ def model_key(ref: nn.Module) -> str:
     h = hashlib.sha256()
     cfg = ref.config.to_dict() if hasattr(ref.config, "to_dict") else vars(ref.config)
     h.update(json.dumps([getattr(ref, "architecture", type(ref).__name__), cfg, torch.__version__,
-                         ov.__version__, route()], sort_keys=True, default=str).encode())
+                         ov.__version__, openvino_route()], sort_keys=True, default=str).encode())
     for name, value in ref.state_dict().items():
         h.update(name.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
-
-
-def route() -> str:
-    """How a model is converted: "onnx" (the project's ONNX export, then convert_model) where the
-    onnx package is installed, else "pytorch" (convert_model on the module)."""
-    return "onnx" if importlib.util.find_spec("onnx") is not None else "pytorch"
-
-
-def convert(ref: nn.Module, how: Optional[str] = None):
-    """The reference-path model `ref` (engine.export.reference_copy) as an openvino.Model with
-    dynamic batch, height and width; `how`: "onnx" or "pytorch" (default: `route()`)."""
-    import openvino as ov
-
-    from .export import _reference_backend, _write_onnx, default_sizes
-
-    cin = ref.config.in_channels
-    x = torch.rand(default_sizes(ref, cin)[0], generator=torch.Generator().manual_seed(0))
-    with _reference_backend(), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer chatter about the input check's Python branches
-        if (how or route()) == "pytorch":
-            return ov.convert_model(ref, example_input=x, input=[ov.PartialShape([-1, cin, -1, -1])])
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
-            _write_onnx(ref, x, path, 17)
-            model = ov.convert_model(str(path))
-            model.reshape([-1, cin, -1, -1])  # the names ONNX gave the dynamic axes do not matter here
-            return model
 
 
 def load_ir(ref: nn.Module, key: str, root: Optional[Path]):
@@ -110,7 +84,7 @@ def load_ir(ref: nn.Module, key: str, root: Optional[Path]):
             print(f"note: the OpenVINO cache entry {folder} is unreadable ({type(err).__name__}); rebuilding it",
                   file=sys.stderr)
             shutil.rmtree(folder, ignore_errors=True)
-    model = convert(ref)
+    model = to_openvino(ref)
     if folder is not None:
         _store(model, folder)
     return model
@@ -181,8 +155,6 @@ class OpenVINOForward:
 def openvino_forward(model: nn.Module, precision: str = "fp32", threads: Optional[int] = None) -> OpenVINOForward:
     """`model` (any backend, device, dtype) as an OpenVINOForward at `precision` and `threads`:
     converted and compiled once per process (and per cache folder across processes)."""
-    from .export import reference_copy
-
     ref = reference_copy(model)
     key = model_key(ref)
     root = cache_root()
@@ -195,34 +167,6 @@ def openvino_forward(model: nn.Module, precision: str = "fp32", threads: Optiona
 def clear_memo() -> None:
     """Forget the compiled models of this process (the next call reads the disk cache)."""
     _COMPILED.clear()
-
-
-# --- export --format openvino -----------------------------------------------------------------------
-def write_ir(ref: nn.Module, x: torch.Tensor, tmp: Path, opset: int, meta: dict, path: Path) -> None:
-    """Write the IR of `ref` for export(): the .bin beside `path` (renamed into place first), the .xml
-    into `tmp` (atomic_write renames it to `path`); `meta` (export_metadata) goes into the model's
-    rt_info as bionet_fast/metadata (JSON) and bionet_fast/<key> for its plain values."""
-    import openvino as ov
-
-    model = convert(ref)
-    model.set_rt_info(json.dumps(meta), ["bionet_fast", "metadata"])
-    flat = {**meta, "channels": meta["input"]["channels"], "size_multiple": meta["input"]["size_multiple"],
-            "activation": meta["output"]["activation"]}
-    for k, v in flat.items():  # the plain values also one by one, for readers of the XML
-        if isinstance(v, (str, int, float)) and not isinstance(v, bool):
-            model.set_rt_info(str(v), ["bionet_fast", k])
-    with tempfile.TemporaryDirectory(dir=path.parent) as d:
-        ov.save_model(model, str(Path(d) / "model.xml"), compress_to_fp16=False)
-        os.replace(Path(d) / "model.bin", path.with_suffix(".bin"))
-        shutil.copyfile(Path(d) / "model.xml", tmp)
-
-
-def ir_runner(path: Path):
-    """(x -> logits tensor) of an IR file, compiled at fp32 (what export() verifies with)."""
-    import openvino as ov
-
-    compiled = compile_model(ov.Core().read_model(str(path)), "fp32")
-    return OpenVINOForward(compiled, "fp32", None)
 
 
 def read_metadata(path: str | Path) -> dict:

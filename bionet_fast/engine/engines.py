@@ -96,6 +96,8 @@ def inference_setup(model: nn.Module, device: torch.device, engine: str = "auto"
         threads = None
     note = None
     if name != "torch":
+        if cuda_graph:
+            print(f"note: --cuda-graph needs a CUDA device; ignored (engine {name} on the cpu)", file=sys.stderr)
         try:
             forward, used = _compiled_forward(model, name, precision, threads)
             return InferenceSetup(name, used, forward, None, False, threads)

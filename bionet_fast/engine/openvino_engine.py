@@ -148,8 +148,8 @@ class OpenVINOForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
-        out = self.request.infer({0: arr}, share_inputs=True)[self.output]
-        return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))
+        out = self.request.infer({0: arr}, share_inputs=True)[self.output]  # a copy (share_outputs=False)
+        return torch.from_numpy(out if out.dtype == np.float32 else out.astype(np.float32))
 
 
 def openvino_forward(model: nn.Module, precision: str = "fp32", threads: Optional[int] = None) -> OpenVINOForward:

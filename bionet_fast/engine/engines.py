@@ -96,8 +96,7 @@ def inference_setup(model: nn.Module, device: torch.device, engine: str = "auto"
         threads = None
     note = None
     if name != "torch":
-        if cuda_graph:
-            print(f"note: --cuda-graph needs a CUDA device; ignored (engine {name} on the cpu)", file=sys.stderr)
+        graphed_forward(model, device, cuda_graph)  # on the CPU: its one line saying the flag does nothing
         try:
             forward, used = _compiled_forward(model, name, precision, threads)
             return InferenceSetup(name, used, forward, None, False, threads)
@@ -150,12 +149,14 @@ class OnnxRuntimeForward:
 def engine_predictor(model: nn.Module, engine: str = "auto", precision: Optional[str] = None,
                      threads: Optional[int] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """windows (N, C, H, W) -> `model`'s logits (N, K, H, W), float32, through `engine` (on the
-    model's device; see `inference_setup`): what sliding_window_inference(..., engine=) runs."""
+    model's device; see `inference_setup`; threads default to torch.get_num_threads()): what
+    sliding_window_inference(..., engine=) runs."""
     if not hasattr(model, "config") or not hasattr(model, "size_multiple"):
         raise ValueError(f"engine={engine!r} needs a bionet_fast model as the predictor (got "
                          f"{type(model).__name__}); use engine='torch' for other callables")
     device = next(model.parameters()).device
-    setup = inference_setup(model, device, engine, precision, threads)
+    # threads: torch's current count unless given (no idle-CPU sampling on every call)
+    setup = inference_setup(model, device, engine, precision, threads or torch.get_num_threads())
     net = setup.forward or model
 
     def run(windows: torch.Tensor) -> torch.Tensor:

@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         out = check_writable(Path(args.out) if args.out else default_out(args.checkpoint, args.data), "--out")
         model, device, task, scale, tile = load_for_inference(inference_options(args))
         check_multiple("--tile-size", args.tile_size, model.size_multiple, "the model's size multiple")
-        setup = inference_setup(model, device, args.engine, args.precision, args.threads, args.cuda_graph)
         ds, text, names = _dataset(args, model, task, scale)
+        setup = inference_setup(model, device, args.engine, args.precision, args.threads, args.cuda_graph)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                                              rand=rand, on_batch=saver, channels_last=setup.channels_last,
                                              autocast=setup.autocast, threshold=threshold)
     result = summarize(meters, loss_sum, n)
-    result.update(checkpoint=str(args.checkpoint), data=str(args.data), task=task, precision=setup.precision, engine=setup.engine,
-                  **({"threshold": threshold} if task == "segmentation" else {}))
+    result.update(checkpoint=str(args.checkpoint), data=str(args.data), task=task, precision=setup.precision,
+                  engine=setup.engine, **({"threshold": threshold} if task == "segmentation" else {}))
     write_json(out / "metrics.json", result)
     keys = ("psnr", "psnr_bicubic") if task == "super-resolution" else ("dice", "iou", "rand_f")
     print("  ".join(f"{k} {result[k]:.4f}" for k in keys if k in result) + f"  ({n} images)")

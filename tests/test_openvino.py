@@ -252,3 +252,20 @@ def test_export_openvino_ir_with_metadata(tmp_path, capsys):
     assert export_cli(["--checkpoint", str(folder), "--format", "openvino", "--out", str(tmp_path / "cli.xml")]) == 0
     assert "verified with openvino" in capsys.readouterr().out
     assert (tmp_path / "cli.bin").is_file() and ove.read_metadata(tmp_path / "cli.xml")["classes"] == 3
+
+
+def test_cpu_engines_bench_table_and_cpu_record():
+    """bench.cpu_engines' report (its timed run is for an idle machine: python -m bench.cpu_engines)."""
+    sys.path.insert(0, str(ROOT))
+    from bench import cpu_engines
+
+    info = cpu_engines.cpu_info()
+    assert info["name"] and info["cpus"] >= 1 and isinstance(info["flags"], list)
+    rows = [{"model": "m", "side": s, "engine": e, "windows_per_s": 10.0 * (i + 1), "vs_torch_fp32": 1.0 + i,
+             "vs_official_port": 2.0, "max_prob_diff": None if i == 0 else 1e-3 * i}
+            for s in (256, 512) for i, e in enumerate(cpu_engines.ENGINES)]
+    slides = [{"case": "openvino bf16", "side": 8000, "setup_s": 1.0, "predict_s": 20.0, "windows_per_s": 22.1,
+               "peak_rss_mib": 512.0}]
+    text = cpu_engines.table(rows, slides)
+    assert "| m | openvino bf16 | 60.00 (6.00x, 2.00x) | 60.00 (6.00x, 2.00x) | 0.0050 |" in text
+    assert "| m | official port fp32 | 10.00 (1.00x, 2.00x)" in text and "| 8000x8000 | openvino bf16 | 1.0 | 20.0" in text

@@ -98,7 +98,7 @@ def test_streaming_slide_path_with_openvino_equals_in_memory_torch(precision):
     x = torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 255)[None]
     want = _probs(model, "segmentation", x)[0].numpy()
     setup = inference_setup(model, CPU, "openvino", precision, threads=1)
-    assert setup.engine == "openvino" and setup.autocast is None
+    assert setup.engine == "openvino" and setup.precision == precision and setup.autocast is None
     predictor = window_predictor(model, "segmentation", None, False, setup.forward)
     got = np.zeros_like(want)
     for y, x0, block in predict_blocks(ArrayReader(img), predictor, 3, model.size_multiple,

@@ -113,7 +113,10 @@ def inference_setup(model: nn.Module, device: torch.device, engine: str = "auto"
 def _compiled_forward(model: nn.Module, engine: str, precision: str, threads: Optional[int]):
     """(forward, precision it computes in) of `engine` for `model`."""
     if engine == "openvino":
-        return openvino_engine.openvino_forward(model, precision, threads), precision
+        forward = openvino_engine.openvino_forward(model, precision, threads)
+        if forward.precision != precision:
+            print(f"note: OpenVINO runs {forward.precision} on this CPU (no native {precision})", file=sys.stderr)
+        return forward, forward.precision
     if precision != "fp32":
         print(f"note: onnxruntime runs fp32 on the CPU (no {precision} convolutions); --precision {precision} "
               "ignored", file=sys.stderr)

@@ -137,12 +137,23 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
+def effective_precision(compiled, asked: str) -> str:
+    """What the compiled model computes in: OpenVINO runs f32 where bf16 was asked on a CPU without
+    it."""
+    try:
+        hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    except Exception:  # noqa: BLE001 - a runtime that does not report it: trust the request
+        return asked
+    return "bf16" if "bfloat16" in hint or "bf16" in hint else "fp32" if "32" in hint else asked
+
+
 class OpenVINOForward:
     """A compiled model called like the PyTorch one: float (N, C, H, W) -> float32 logits
     (N, K, H', W') on the CPU (sides multiples of the model's size_multiple)."""
 
     def __init__(self, compiled, precision: str, threads: Optional[int]):
-        self.compiled, self.precision, self.threads = compiled, precision, threads
+        self.compiled, self.threads = compiled, threads
+        self.precision = effective_precision(compiled, precision)
         self.request = compiled.create_infer_request()
         self.output = compiled.output(0)
 

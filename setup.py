@@ -13,12 +13,15 @@ from setuptools import find_packages, setup
 # scipy: predict's objects; scikit-image: Aperio XML / QuPath GeoJSON annotations drawn as labels
 INSTANCES = ["scipy", "scikit-image"]
 # training on the CPU: no triton (torch's CUDA wheels bring their own), no kornia (tests only);
-# imagecodecs and the instance extras, so that real annotated data (MoNuSeg's XML, QuPath's GeoJSON) trains as installed
-TRAIN = ["matplotlib", "tqdm", "PyYAML", "imagecodecs", "scipy", "scikit-image"]
+# imagecodecs and the instance extras, so that real annotated data (MoNuSeg's XML, QuPath's GeoJSON)
+# trains as installed; huggingface_hub writes the saved folders' model cards
+TRAIN = ["matplotlib", "tqdm", "PyYAML", "imagecodecs", "scipy", "scikit-image", "huggingface_hub"]
 HUB = ["huggingface_hub"]
 # onnxscript: torch.onnx.export(dynamo=True), the default ONNX exporter
 ONNX = ["onnx", "onnxscript", "onnxruntime"]
 DOCS = ["mkdocs"]
+# the CPU engine of predict / evaluate (engine.engines); onnx: the faster conversion route
+OPENVINO = ["openvino", "onnx"]
 
 setup(
     name="bionet_fast",
@@ -41,6 +44,7 @@ setup(
         "train": TRAIN,
         "hub": HUB,
         "onnx": ONNX,
+        "openvino": OPENVINO,
         # predict --instances / --geojson / --measurements; training on Aperio XML / QuPath GeoJSON
         "instances": INSTANCES,
         # predict --rois: ImageJ ROI zip
@@ -53,6 +57,6 @@ setup(
         "docs": DOCS,
         # kornia only to check the torch augmentation against its warp_affine
         "test": ["pytest", "hypothesis", "triton", "pytest-benchmark", "kornia", *TRAIN, *HUB, *ONNX,
-                 *INSTANCES, *DOCS, "roifile"],
+                 *INSTANCES, *DOCS, *OPENVINO, "roifile"],
     },
 )

@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from .engine.engines import ENGINES
 from .engine.inference import InferenceOptions
 
 
@@ -59,3 +60,11 @@ def check_writable(folder: Path, flag: str) -> Path:
         what = "is not a folder" if not parent.is_dir() else "is not writable"
         raise ValueError(f"{flag} {folder}: {parent} {what}; choose another {flag}")
     return folder
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """--engine and --threads of evaluate and predict (engine.engines)."""
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="what runs the model: auto (default) = OpenVINO on a CPU where it is installed "
+                        "(pip install 'bionet_fast[openvino]'), else torch; torch on GPUs")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the CPUs idle at the start, at most 8)")

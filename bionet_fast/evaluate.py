@@ -37,14 +37,14 @@ from .utils.progress import tqdm
 
 from .engine.writers import write_outputs
 from .utils.files import atomic_write, write_json
-from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, check_multiple, check_numbers, check_writable,
-                   inference_options, model_threshold)
+from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, add_engine_arguments, check_multiple, check_numbers,
+                   check_writable, inference_options, model_threshold)
 from .data import SegmentationDataset
 from .data.training import synthetic_heldout, uniform_sizes
-from .engine.cuda_graph import graphed_forward
+from .engine.engines import inference_setup
 from .engine.inference import TASKS, evaluate_loader, load_for_inference, summarize
 from .engine.instance_eval import object_meter
-from .engine.precision import PRECISIONS, autocast_context, prepare_model, resolve_precision
+from .engine.precision import PRECISIONS
 
 
 # --- the CLI -------------------------------------------------------------------------------------------
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--precision", choices=PRECISIONS, help="default: bf16 on CUDA and on CPUs with native bf16 "
                    "(AVX512-BF16 / AMX), else fp32; bf16/fp16 run channels_last")
+    add_engine_arguments(p)
     return p
 
 
@@ -95,28 +96,25 @@ def main(argv: list[str] | None = None) -> int:
         out = check_writable(Path(args.out) if args.out else default_out(args.checkpoint, args.data), "--out")
         model, device, task, scale, tile = load_for_inference(inference_options(args))
         check_multiple("--tile-size", args.tile_size, model.size_multiple, "the model's size multiple")
-        precision = resolve_precision(args.precision, device)
         ds, text, names = _dataset(args, model, task, scale)
+        setup = inference_setup(model, device, args.engine, args.precision, args.threads, args.cuda_graph)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"data: {text}\nwindows: {tile}x{tile}, overlap {args.overlap}")
+    print(f"data: {text}\nwindows: {tile}x{tile}, overlap {args.overlap}; {setup.describe()}")
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size if uniform_sizes(ds) else 1)
     loader = tqdm(loader, desc="evaluating", unit="batch", disable=args.quiet, dynamic_ncols=True, leave=False)
     rand = task == "segmentation" and getattr(ds, "fmt", None) == "tiff-stack"
     threshold = model_threshold(model, args.threshold)
     saver = _PredictionSaver(out / "predictions", names, task, threshold) if args.save_predictions else None
-    forward = graphed_forward(model, device, args.cuda_graph)
-    prepare_model(model, precision != "fp32")
     objects = object_meter(threshold, objects=getattr(ds, "has_instances", False)) \
         if task == "segmentation" else None
-    meters, loss_sum, n, _ = evaluate_loader(model, loader, task, device, tile, args.overlap, forward=forward,
-                                             rand=rand, on_batch=saver, channels_last=precision != "fp32",
-                                             autocast=autocast_context(precision, device), threshold=threshold,
-                                             objects=objects)
+    meters, loss_sum, n, _ = evaluate_loader(model, loader, task, device, tile, args.overlap, forward=setup.forward,
+                                             rand=rand, on_batch=saver, channels_last=setup.channels_last,
+                                             autocast=setup.autocast, threshold=threshold, objects=objects)
     result = summarize(meters, loss_sum, n)
-    result.update(checkpoint=str(args.checkpoint), data=str(args.data), task=task, precision=precision,
-                  **({"threshold": threshold} if task == "segmentation" else {}))
+    result.update(checkpoint=str(args.checkpoint), data=str(args.data), task=task, precision=setup.precision,
+                  engine=setup.engine, **({"threshold": threshold} if task == "segmentation" else {}))
     write_json(out / "metrics.json", result)
     if objects is not None:
         write_per_image(out / "per_image.csv", names, objects.rows)
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 NUMBERS = dict(batch_size=AT_LEAST_1, overlap=FRACTION, tile_size=AT_LEAST_1, sr_scale=AT_LEAST_1,
-               threshold=PROBABILITY)
+               threshold=PROBABILITY, threads=AT_LEAST_1)
 
 
 def default_out(checkpoint: str, data: str) -> Path:

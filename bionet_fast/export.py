@@ -3,6 +3,7 @@ and width, and a JSON beside it with what a consumer needs.
 
     python -m bionet_fast.export --checkpoint runs/bionet-t5 --format onnx --out bionet.onnx
     python -m bionet_fast.export --checkpoint runs/bionet-t5 --format torchscript --out bionet.pt
+    python -m bionet_fast.export --checkpoint runs/bionet-t5 --format openvino --out bionet.xml
 
 Formats: onnx (onnxruntime, OpenCV, TensorRT ...), torchscript (QuPath's deep-learning extension,
 libtorch), exported-program (torch.export; keeps the input size check as a guard). ONNX is written

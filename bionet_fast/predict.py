@@ -52,12 +52,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._cli import AT_LEAST_1, FRACTION, PROBABILITY, check_numbers, inference_options, model_threshold
+from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, add_engine_arguments, check_numbers, inference_options,
+                   model_threshold)
 from .data.readers import IMAGE_EXTS, TIFF_EXTS, match_channels, read_image, read_stack, to_float
-from .engine.cuda_graph import graphed_forward
+from .engine.engines import inference_setup
 from .engine.inference import TASKS, infer, load_for_inference, window_predictor
-from .engine.precision import PRECISIONS, autocast_context, prepare_model, resolve_precision
 from .engine.pixel_size import min_area_pixels, open_for_prediction, parse_min_area
+from .engine.precision import PRECISIONS
 from .engine.slide import SLIDE_EXTS, file_mpp
 from .engine.streaming import StreamOptions
 from .engine.whole_slide import OutputOptions, expected_outputs, predict_image
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true",
                    help="CUDA: replay a captured forward per window shape (less launch overhead); "
                         "without CUDA: a message, then eager")
+    add_engine_arguments(p)
     return p
 
 
@@ -159,7 +161,7 @@ NUMBERS = dict(tile_size=(lambda v: v >= 1, "a window side >= 1, e.g. 512"), ove
                batch_size=AT_LEAST_1,
                level=(lambda v: v >= 0, "a pyramid level >= 0"),
                mpp=(lambda v: v > 0, "micrometres per pixel > 0, e.g. 0.5"),
-               sr_scale=(lambda v: v >= 1, "an integer factor >= 1"), threshold=PROBABILITY)
+               sr_scale=(lambda v: v >= 1, "an integer factor >= 1"), threshold=PROBABILITY, threads=AT_LEAST_1)
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -210,11 +212,8 @@ class _Job:
 
     def __init__(self, args, model, device, task, scale, tile):
         self.args, self.model, self.device, self.task, self.scale, self.tile = args, model, device, task, scale, tile
-        precision = resolve_precision(args.precision, device)
-        self.autocast = autocast_context(precision, device)
-        self.channels_last = precision != "fp32"
-        prepare_model(model, self.channels_last)
-        self.forward = graphed_forward(model, device, args.cuda_graph)  # None: the plain model
+        setup = inference_setup(model, device, args.engine, args.precision, args.threads, args.cuda_graph)
+        self.autocast, self.channels_last, self.forward = setup.autocast, setup.channels_last, setup.forward
         self.predictor = window_predictor(model, task, self.autocast, self.channels_last, self.forward)
         self.stream = StreamOptions(tile, args.overlap, args.batch_size, tissue_only=args.tissue_only,
                                     progress=not args.no_progress)
@@ -223,7 +222,7 @@ class _Job:
                                      self.threshold, args.rois, class_names(model))
         info = getattr(model, "inference_info", None)
         self.mpp = args.mpp or getattr(info, "mpp", None)  # predict at the training data's pixel size
-        self.precision = precision
+        self.precision, self.setup = setup.precision, setup
 
     def _warn_once(self, message: str, **kwargs) -> None:
         """The first image without a pixel size is named; the others are not (a folder of PNGs)."""
@@ -330,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     share = f" (process {rank} of {world}: {len(mine)} of {len(files)} images)" if world > 1 else ""
     print(f"wrote predictions of {written} image(s) to {out}" + (f", skipped {skipped} complete" if skipped else "")
-          + share + f"; precision {job.precision}")
+          + share + f"; {job.setup.describe()}")
     return 0
 
 

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Triton kernels run in the interpreter on machines without a GPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# OpenVINO's converted and compiled models (engine.openvino_engine) go to a folder of this session,
+# not the user's cache (a run of the suite must not grow ~/.cache)
+os.environ.setdefault("BIONET_FAST_OPENVINO_CACHE", tempfile.mkdtemp(prefix="bionet-openvino-cache-"))
 
 # OMP_NUM_THREADS wins (a shared machine: with OpenMP's spinning threads, two threads on two busy
 # cores run many times slower than one)

@@ -54,7 +54,7 @@ def test_train_extra_has_what_the_main_job_needs_and_nothing_heavy():
 def test_ci_runs_the_readmes_second_command():
     readme = (REPO / "README.md").read_text()
     block = readme.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
-    assert block[0].startswith('pip install torch==2.13.0 -e ".[train]" && python -m bionet_fast.train --t 5')
+    assert block[0].startswith('pip install torch==2.13.0 -e ".[train,openvino]" && python -m bionet_fast.train --t 5')
     assert block[1] == 'pip install -e ".[test]" && python -m pytest -q tests'
     ci = (REPO / ".ci" / "run").read_text()
     assert "python -m pip install -q torch==2.13.0" in ci

@@ -1,6 +1,6 @@
 """Sliding-window inference for images of any size (MONAI-style), with overlap and blending.
 
-A leaf module: it imports nothing of bionet_fast.
+A leaf module: it imports nothing of bionet_fast (engine.engines only when `engine` asks for one).
 
 A BiO-Net takes only sides divisible by 2**(depth+1), and a whole 1000x1000 slide tile (or larger)
 may not fit in memory at once. `sliding_window_inference` cuts the image into overlapping windows
@@ -104,7 +104,8 @@ def _check(inputs: torch.Tensor, overlap: float, sw_batch_size: int, predictor) 
 def sliding_window_inference(inputs: torch.Tensor, roi_size: int | Sequence[int], sw_batch_size: int,
                              predictor: Predictor, overlap: float = 0.25, mode: str = "gaussian",
                              sigma_scale: float = 0.125, padding_mode: str = "reflect", cval: float = 0.0,
-                             sw_device=None, device=None, size_multiple: int = 1) -> torch.Tensor:
+                             sw_device=None, device=None, size_multiple: int = 1, engine: str = "torch",
+                             precision: str | None = None, threads: int | None = None) -> torch.Tensor:
     """Run `predictor` over overlapping windows of `inputs` and blend the results.
 
     MONAI's argument order and device split, so `monai.inferers.sliding_window_inference` users can
@@ -116,9 +117,18 @@ def sliding_window_inference(inputs: torch.Tensor, roi_size: int | Sequence[int]
     padding_mode: "reflect" (default) or "constant" (with `cval`) for sides shorter than the window.
     sw_device: where the windows run (default: inputs' device); device: where the blended output is
     accumulated (default: inputs' device), e.g. windows on the GPU and a large output on the host.
+    engine: "torch" calls `predictor` as given; "auto" | "openvino" | "onnxruntime" need a
+    bionet_fast model as the predictor and run it through that engine (engine.engines; "auto" =
+    OpenVINO on a CPU where installed), at `precision` (None: bf16 where native, else fp32) with
+    `threads` CPU threads; the model's size_multiple is then used.
     Returns (B, K, H, W) float32 on `device`.
     """
     _check(inputs, overlap, sw_batch_size, predictor)
+    if engine != "torch":
+        from .engines import engine_predictor
+
+        size_multiple = max(size_multiple, getattr(predictor, "size_multiple", 1))
+        predictor = engine_predictor(predictor, engine, precision, threads)
     if padding_mode not in ("reflect", "constant"):
         raise ValueError(f"padding_mode={padding_mode!r}; use 'reflect' or 'constant'")
     sw_device = torch.device(sw_device) if sw_device is not None else inputs.device

@@ -20,14 +20,28 @@ import os as _os
 # job (engine/cpu_threads.py); this must be set before torch loads its OpenMP runtime. Yours wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .engine.export import export  # noqa: E402
-from .engine.memory import peak_step_memory, saved_activation_bytes
-from .engine.planner import plan_memory
-from .engine.tiling import sliding_window_inference
-from .models import (BiOLinkNet, BiOLinkNetConfig, BiONet, BiONetConfig, create_model, from_pretrained,
-                     load_official)
+# The names below load on first use (PEP 562): napari's plugin discovery imports this package to find
+# bionet_fast/napari/napari.yaml, and a napari start must not pay for importing torch.
+_LAZY = {"export": ".engine.export", "peak_step_memory": ".engine.memory", "saved_activation_bytes": ".engine.memory",
+         "plan_memory": ".engine.planner", "sliding_window_inference": ".engine.tiling",
+         **dict.fromkeys(("BiOLinkNet", "BiOLinkNetConfig", "BiONet", "BiONetConfig", "create_model",
+                          "from_pretrained", "load_official"), ".models")}
 
 __all__ = ["BiOLinkNet", "BiOLinkNetConfig", "BiONet", "BiONetConfig", "create_model", "export", "from_pretrained",
            "load_official",
            "peak_step_memory", "plan_memory", "saved_activation_bytes", "sliding_window_inference"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'bionet_fast' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # cached (`import bionet_fast.export` later rebinds `export` to the callable CLI module)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -13,6 +13,11 @@ TRAIN = ["matplotlib", "tqdm", "PyYAML"]
 HUB = ["huggingface_hub"]
 ONNX = ["onnx", "onnxruntime"]
 INSTANCES = ["scipy"]
+# bioimage.io packages (export --format bioimageio) and their validator (`bioimageio test`); checked
+# green with bioimageio.spec 0.5.12.0 + pydantic 2.13.4
+BIOIMAGEIO = ["bioimageio.core>=0.11", "bioimageio.spec>=0.5.12", *ONNX]
+# the napari plugin (bionet_fast/napari, npe2 manifest); its tests add pytest-qt and need Xvfb + Mesa
+NAPARI = ["napari[pyqt5]>=0.5", "npe2", *INSTANCES]
 
 setup(
     name="bionet_fast",
@@ -21,8 +26,10 @@ setup(
     "activation checkpointing across recurrent iterations",
     python_requires=">=3.10",
     packages=["bionet_fast", "bionet_fast.blocks", "bionet_fast.data", "bionet_fast.engine",
-              "bionet_fast.models", "bionet_fast.utils", "bionet_fast.kernels"],
+              "bionet_fast.models", "bionet_fast.utils", "bionet_fast.kernels", "bionet_fast.napari"],
     package_dir={"bionet_fast.kernels": "kernels"},
+    package_data={"bionet_fast.napari": ["napari.yaml"]},
+    entry_points={"napari.manifest": ["bionet_fast = bionet_fast.napari:napari.yaml"]},
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -41,8 +48,10 @@ setup(
         # Triton ships with CUDA builds of torch; on the CPU it runs the kernels in its interpreter.
         "triton": ["triton"],
         "bench": ["pytest-benchmark", "nvidia-ml-py"],
+        "bioimageio": BIOIMAGEIO,
+        "napari": NAPARI,
         # kornia only to check the torch augmentation against its warp_affine
         "test": ["pytest", "hypothesis", "triton", "pytest-benchmark", "kornia", *TRAIN, *HUB, *ONNX,
-                 *INSTANCES],
+                 *INSTANCES, *BIOIMAGEIO, *NAPARI, "pytest-qt"],
     },
 )

@@ -17,7 +17,7 @@ INSTANCES = ["scipy"]
 # green with bioimageio.spec 0.5.12.0 + pydantic 2.13.4
 BIOIMAGEIO = ["bioimageio.core>=0.11", "bioimageio.spec>=0.5.12", *ONNX]
 # the napari plugin (bionet_fast/napari, npe2 manifest); its tests add pytest-qt and need Xvfb + Mesa
-NAPARI = ["napari[pyqt5]>=0.5", "npe2", *INSTANCES]
+NAPARI = ["napari[pyqt6]>=0.5", "npe2", *INSTANCES]
 
 setup(
     name="bionet_fast",

@@ -5,12 +5,13 @@ QuPath's bioimage.io support, napari and bioimageio.core run unchanged.
   weights.pt / weights.onnx  TorchScript and ONNX files of the reference path (engine.export)
   test_input.npy             a synthetic H&E tile, uint8 (1, C, S, S)
   test_output.npy            PyTorch's probabilities for it, float32 (1, K, S, S)
-  cover.png                  the tile beside its predicted probability (2:1)
+  cover.png                  a 256-pixel synthetic tile beside its predicted probability (2:1)
   README.md                  the model card, input scaling, pixel size and validation metrics
   config.json, model.safetensors   the bionet_fast folder: from_pretrained(zip) loads the same model
 
 Input: uint8 images (8-bit RGB H&E, or grey), axes batch, channel, y, x with y and x of size
-min + n * step, min = step = the model's size multiple; preprocessing ensure_dtype float32 then
+min + n * step, min = step = the model's size multiple (min twice that for reflect padding, which
+needs two pixels at the bottleneck); preprocessing ensure_dtype float32 then
 scale_linear gain 1/255 (the [0, 1] range the model was trained on: data.readers.to_float). Output:
 the logits through sigmoid (one class) or softmax over channels, as postprocessing. Needs
 bioimageio.spec (pip install 'bionet_fast[bioimageio]'); `bioimageio test NAME.zip` checks it.
@@ -96,7 +97,9 @@ def export_bioimageio(model: nn.Module, path: str | Path, *, name: Optional[str]
         x, probs = _test_tensors(model, side, input_dtype, seed)
         np.save(folder / "test_input.npy", x)
         np.save(folder / "test_output.npy", probs)
-        _cover(x[0], probs[0], folder / "cover.png")
+        cover_side = -(-256 // m) * m  # larger than the test tile, which is kept small for `bioimageio test`
+        cover_x, cover_p = (x, probs) if cover_side <= side else _test_tensors(model, cover_side, input_dtype, seed)
+        _cover(cover_x[0], cover_p[0], folder / "cover.png")
         samples = _samples(x[0], probs[0], folder)
         diffs = {}
         for fmt, fname in (("torchscript", "weights.pt"), ("onnx", "weights.onnx")):
@@ -218,7 +221,9 @@ def _describe(spec, model: nn.Module, folder: Path, name: Optional[str], mpp: Op
     channels = {1: ["gray"], 3: ["red", "green", "blue"]}.get(cfg.in_channels,
                                                               [f"channel{i}" for i in range(cfg.in_channels)])
     classes = ["nucleus"] if cfg.classes == 1 else ["background"] + [f"class{i}" for i in range(1, cfg.classes)]
-    space_in = [spec.SpaceInputAxis(id=spec.AxisId(a), size=spec.ParameterizedSize(min=m, step=m), **unit)
+    # reflect padding needs 2 pixels at the bottleneck: the smallest side is then twice the multiple
+    low = 2 * m if getattr(cfg, "padding_mode", "zeros") == "reflect" else m
+    space_in = [spec.SpaceInputAxis(id=spec.AxisId(a), size=spec.ParameterizedSize(min=low, step=m), **unit)
                 for a in ("y", "x")]
     space_out = [spec.SpaceOutputAxis(id=spec.AxisId(a), size=spec.SizeReference(
         tensor_id=spec.TensorId(INPUT_ID), axis_id=spec.AxisId(a)), **unit) for a in ("y", "x")]

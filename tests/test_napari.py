@@ -151,3 +151,6 @@ def test_reader_scales_uint16_probability_and_declines_other_files(plugin, tmp_p
     (data, kwargs, kind), = get_reader(str(tmp_path / "a_prob.tif"))(str(tmp_path / "a_prob.tif"))
     assert kind == "image" and data.dtype == np.float32 and data.tolist() == [[0.0, 1.0]]
     assert get_reader(str(tmp_path / "a_mask.tif")) is None and get_reader(str(tmp_path / "a.png")) is None
+    (tmp_path / "b.geojson").write_text('{"type": "Feature"}')
+    with pytest.raises(ValueError, match="FeatureCollection"):
+        get_reader(str(tmp_path / "b.geojson"))(str(tmp_path / "b.geojson"))

@@ -59,7 +59,8 @@ def _geojson(path: Path) -> tuple:
     shapes, labels = [], []
     for i, feat in enumerate(features):
         geom = feat.get("geometry") or {}
-        polys = {"Polygon": [geom.get("coordinates")], "MultiPolygon": geom.get("coordinates")}.get(geom.get("type"), [])
+        kind, coords = geom.get("type"), geom.get("coordinates")
+        polys = [coords] if kind == "Polygon" else coords if kind == "MultiPolygon" else []
         for poly in polys:
             if poly and len(poly[0]) >= 3:
                 shapes.append(np.asarray(poly[0], np.float64)[:, ::-1])  # outer ring, [x, y] -> (y, x)

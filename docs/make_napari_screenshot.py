@@ -22,7 +22,9 @@ from bionet_fast.napari import __file__ as plugin_init
 
 def main(run: str, out: str) -> None:
     pm = PluginManager.instance()
-    if "bionet_fast" not in pm._manifests:  # a source tree: register the manifest by hand
+    try:
+        pm.get_manifest("bionet_fast")
+    except KeyError:  # a source tree: register the manifest by hand
         pm.register(PluginManifest.from_file(plugin_init.replace("__init__.py", "napari.yaml")))
     viewer = napari.Viewer(title="napari: BiO-Net nuclei")
     viewer.window.resize(1400, 800)

@@ -79,7 +79,9 @@ def plugin():
     from npe2 import PluginManager, PluginManifest
 
     pm = PluginManager.instance()
-    if PLUGIN not in pm._manifests:
+    try:
+        pm.get_manifest(PLUGIN)
+    except KeyError:
         pm.register(PluginManifest.from_file(MANIFEST))
     return pm
 

@@ -22,6 +22,11 @@ ONNX = ["onnx", "onnxscript", "onnxruntime"]
 DOCS = ["mkdocs"]
 # the CPU engine of predict / evaluate (engine.engines); onnx: the faster conversion route
 OPENVINO = ["openvino", "onnx"]
+# bioimage.io packages (export --format bioimageio) and their validator (`bioimageio test`); checked
+# green with bioimageio.spec 0.5.12.0 + pydantic 2.13.4
+BIOIMAGEIO = ["bioimageio.core>=0.11", "bioimageio.spec>=0.5.12", *ONNX]
+# the napari plugin (bionet_fast/napari, npe2 manifest); its tests add pytest-qt and need Xvfb + Mesa
+NAPARI = ["napari[pyqt6]>=0.5", "npe2", *INSTANCES]
 
 setup(
     name="bionet_fast",
@@ -31,6 +36,8 @@ setup(
     python_requires=">=3.10",
     packages=sorted({*find_packages(include=["bionet_fast", "bionet_fast.*"]), "bionet_fast.kernels"}),
     package_dir={"bionet_fast.kernels": "kernels"},
+    package_data={"bionet_fast.napari": ["napari.yaml"]},
+    entry_points={"napari.manifest": ["bionet_fast = bionet_fast.napari:napari.yaml"]},
     install_requires=[
         "torch>=2.4",
         "numpy",
@@ -55,8 +62,10 @@ setup(
         "triton": ["triton"],
         "bench": ["pytest-benchmark", "nvidia-ml-py"],
         "docs": DOCS,
+        "bioimageio": BIOIMAGEIO,
+        "napari": NAPARI,
         # kornia only to check the torch augmentation against its warp_affine
         "test": ["pytest", "hypothesis", "triton", "pytest-benchmark", "kornia", *TRAIN, *HUB, *ONNX,
-                 *INSTANCES, *DOCS, *OPENVINO, "roifile"],
+                 *INSTANCES, *DOCS, *OPENVINO, *BIOIMAGEIO, *NAPARI, "roifile", "pytest-qt"],
     },
 )

@@ -4,6 +4,10 @@ and width, and a JSON beside it with what a consumer needs.
     python -m bionet_fast.export --checkpoint runs/bionet-t5 --format onnx --out bionet.onnx
     python -m bionet_fast.export --checkpoint runs/bionet-t5 --format torchscript --out bionet.pt
     python -m bionet_fast.export --checkpoint runs/bionet-t5 --format openvino --out bionet.xml
+    python -m bionet_fast.export --checkpoint runs/bionet-t5 --format bioimageio --out nuclei.zip
+
+bioimageio: a bioimage.io model package (TorchScript + ONNX weights, test tensors, cover, model card;
+deepImageJ, ilastik, QuPath, napari; engine/bioimageio.py); --mpp records the training pixel size.
 
 Formats: onnx (onnxruntime, OpenCV, TensorRT ...), torchscript (QuPath's deep-learning extension,
 libtorch), exported-program (torch.export; keeps the input size check as a guard). ONNX is written
@@ -23,11 +27,12 @@ import argparse
 import sys
 import types
 
+from .engine.bioimageio import export_bioimageio
 from .engine.export import FORMATS, ONNX_EXPORTERS, ExportReport, export
 from .engine.inference import InferenceOptions, load_for_inference
 from .models.config import InferenceInfo
 
-__all__ = ["export", "ExportReport", "main"]
+__all__ = ["export", "export_bioimageio", "ExportReport", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,12 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="a training run's --out folder, a save_pretrained folder, a Hub repo id, or an "
                         "official .pt checkpoint")
-    p.add_argument("--format", required=True, choices=FORMATS, help="the file format")
+    p.add_argument("--format", required=True, choices=FORMATS + ("bioimageio",), help="the file format")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write (OUT.json goes beside it)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--onnx-exporter", choices=ONNX_EXPORTERS, default="auto",
                    help="auto (default): torch.onnx.export(dynamo=True), the TorchScript-based exporter if "
                         "that fails (the reason is printed); dynamo or torchscript: that one only")
+    p.add_argument("--mpp", type=float, help="bioimageio: the training pixel size, micrometres per pixel")
     p.add_argument("--no-verify", action="store_true", help="do not run the written file")
     return p
 
@@ -54,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(model, "inference_info", None) is None:  # older folders: train_args.json's choices
             model.inference_info = InferenceInfo(task=task, sr_scale=scale if task == "super-resolution"
                                                  else None, tile_size=tile)
-        report: ExportReport = export(model, args.out, format=args.format, opset=args.opset,
-                                      verify=not args.no_verify, onnx_exporter=args.onnx_exporter)
+        if args.format == "bioimageio":
+            report = export_bioimageio(model, args.out, mpp=args.mpp, opset=args.opset,
+                                       onnx_exporter=args.onnx_exporter)
+        else:
+            report = export(model, args.out, format=args.format, opset=args.opset,
+                            verify=not args.no_verify, onnx_exporter=args.onnx_exporter)
     except (FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """The package's layers, read from its imports: nothing imports a layer above its own, no cycles.
 
-CLIs (train, evaluate, predict, export, plan) -> engine -> models -> blocks -> kernels;
+CLIs (train, evaluate, predict, export, plan; the napari plugin) -> engine -> models -> blocks -> kernels;
 data, metrics and utils are leaves (data may use utils).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _layer(module: str) -> str:
     head = parts[1]
     if head in RANK:
         return head
-    return "cli"  # train, evaluate, predict, export, plan, _cli
+    return "cli"  # train, evaluate, predict, export, plan, _cli, napari (the plugin package)
 
 
 def _modules() -> dict[str, Path]:

@@ -44,12 +44,12 @@ def load_checkpoint(path: str | Path, device: torch.device, backend: str = "auto
 
 
 def load_model(path: str | Path, backend: str = "auto") -> Optional[torch.nn.Module]:
-    """The model of an official port checkpoint (.pt / .pth), a save_pretrained or run folder, or a
-    Hub repo id; None when `path` is none of these."""
+    """The model of an official port checkpoint (.pt / .pth), a save_pretrained or run folder, a
+    bioimage.io package (.zip) of export_bioimageio, or a Hub repo id; None when `path` is none of these."""
     text, p = str(path), Path(path)
     if p.is_file() and p.suffix in (".pt", ".pth"):
         return load_official(p, backend=backend)
-    if p.is_dir() or looks_like_repo_id(text):
+    if p.is_dir() or looks_like_repo_id(text) or (p.is_file() and p.suffix.lower() == ".zip"):
         return from_pretrained(text, backend=backend)
     return None
 

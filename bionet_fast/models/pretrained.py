@@ -146,8 +146,11 @@ def _device(map_location: str | torch.device) -> torch.device:
 
 
 def resolve_folder(directory: str | Path, weights_name: str = WEIGHTS_NAME, **hub: Any) -> Path:
-    """A local folder as is; a Hub repo id downloaded (or found in the cache) through `hub`."""
+    """A local folder as is; a bioimage.io package (.zip) of export_bioimageio unpacked; a Hub repo
+    id downloaded (or found in the cache) through `hub`."""
     path = Path(directory)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        return unpack_package(path, weights_name)
     if path.is_dir() or not looks_like_repo_id(str(directory)):
         if hub.get("revision") is not None:
             raise ValueError(f"revision={hub['revision']!r} applies to Hub repo ids, but {directory} is "
@@ -156,6 +159,38 @@ def resolve_folder(directory: str | Path, weights_name: str = WEIGHTS_NAME, **hu
     from .hub import download_folder
 
     return download_folder(str(directory), weights_name, **hub)
+
+
+def unpack_package(path: Path, weights_name: str = WEIGHTS_NAME) -> Path:
+    """The config.json + weights a bioimage.io package written by bionet_fast carries, extracted
+    once into a cache folder keyed by the zip's path, size and time."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+    import zipfile
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / "bionet_fast-packages" / key
+    if (folder / weights_name).is_file():
+        return folder
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if not {CONFIG_NAME, weights_name} <= set(zf.namelist()):
+                raise ValueError(f"{path} holds no {CONFIG_NAME} and {weights_name}: only bioimage.io packages "
+                                 "written by python -m bionet_fast.export --format bioimageio load here")
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=folder.parent)
+            for name in (CONFIG_NAME, weights_name):
+                zf.extract(name, tmp)
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{path} is not a readable zip file ({err}); expected a bioimage.io package") from None
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process unpacked it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def looks_like_repo_id(text: str) -> bool:

@@ -115,6 +115,7 @@ def test_widget_labels_equal_predict_instances(x_display, make_napari_viewer, qt
     widget.model_edit.setText(str(tiny_run))
     widget.image_combo.setCurrentText(image.name)
     widget.window_spin.setValue(64)
+    widget.min_area_spin.setValue(0)  # the random tiny model's objects are small: keep them all
     widget.run()
     with qtbot.waitSignal(widget._worker.finished, timeout=180_000):
         pass
@@ -129,7 +130,8 @@ def test_widget_labels_equal_predict_instances(x_display, make_napari_viewer, qt
     Image.fromarray(np.asarray(image.data)).save(tmp_path / "tile.png")
     out = tmp_path / "out"
     assert predict([str(tmp_path / "tile.png"), "--checkpoint", str(tiny_run), "--out", str(out), "--instances",
-                    "--geojson", "--prob-format", "tiff", "--tile-size", "64", "--no-progress"]) == 0
+                    "--geojson", "--prob-format", "tiff", "--tile-size", "64", "--min-area", "0px",
+                    "--no-progress"]) == 0
     import tifffile
 
     np.testing.assert_array_equal(labels.data, tifffile.imread(out / "tile_labels.tif"))

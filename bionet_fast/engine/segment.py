@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .inference import pick_device, window_predictor
-from .precision import autocast_context, prepare_model, resolve_precision
+from .engines import inference_setup
+from .pixel_size import SlideGeometry, min_area_pixels
 from .slide import ArrayReader
 from .streaming import StreamOptions, count_windows
 from .whole_slide import OutputOptions, predict_image
@@ -50,11 +51,12 @@ def instance_options() -> set[str]:
 
 def segment_array(model: torch.nn.Module, image: np.ndarray, *, tile_size: Optional[int] = None,
                   overlap: float = 0.25, batch_size: int = 4, threshold: Optional[float] = None,
-                  precision: Optional[str] = None, device: Optional[str] = None,
+                  precision: Optional[str] = None, device: Optional[str] = None, engine: str = "auto",
                   progress: Optional[Callable[[int, int], None]] = None, **instance_kw: Any) -> Segmentation:
     """Segment `image` (H, W) grey or (H, W, C), any dtype (scaled as predict scales files) with
     `model` (a segmentation model). tile_size, threshold: None = the model's own (config.json);
-    precision: None = predict's default for the device; device: None = the model's. `progress(done,
+    precision: None = predict's default for the device; device: None = the model's; engine: as
+    predict's --engine (auto: OpenVINO on a CPU where installed). `progress(done,
     total)` is called after every batch of windows (from the calling thread). `instance_kw`: further
     OutputOptions fields (see `instance_options()`), e.g. min_area."""
     if image.ndim not in (2, 3) or image.shape[0] < 1 or image.shape[1] < 1:
@@ -71,9 +73,8 @@ def segment_array(model: torch.nn.Module, image: np.ndarray, *, tile_size: Optio
         raise ValueError(f"window size {tile}: the model needs windows of at least {model.size_multiple} pixels")
     dev = pick_device(device) if device else next(model.parameters()).device
     model = model.to(dev).eval()
-    prec = resolve_precision(precision, dev)
-    prepare_model(model, prec != "fp32")  # the choices predict makes (precision, layout)
-    run = window_predictor(model, "segmentation", autocast_context(prec, dev), prec != "fp32")
+    setup = inference_setup(model, dev, engine, precision)  # predict's choices: engine, precision, layout
+    run = window_predictor(model, "segmentation", setup.autocast, setup.channels_last, setup.forward)
     h, w = image.shape[:2]
     total = count_windows(h, w, tile, overlap, model.size_multiple)
     done = [0]
@@ -86,6 +87,8 @@ def segment_array(model: torch.nn.Module, image: np.ndarray, *, tile_size: Optio
         return out
 
     cfg = model.config
+    # predict's default --min-area (15 px: an array carries no pixel size)
+    instance_kw.setdefault("min_area", min_area_pixels(None, SlideGeometry((h, w), (h, w))))
     stream = StreamOptions(tile, overlap, batch_size, progress=False)
     outputs = OutputOptions("tiff", instances=True, threshold=thr, **instance_kw)
     with tempfile.TemporaryDirectory(prefix="bionet-segment-") as tmp:

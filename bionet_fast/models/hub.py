@@ -100,6 +100,13 @@ def model_card(model, repo_id: Optional[str] = None, license: str = "unknown"):
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(model, info, repo_id, mpp)}")
 
 
+def model_card_text(model, repo_id: Optional[str] = None) -> str:
+    """The card's Markdown without the Hub's YAML front matter (needs no huggingface_hub): what a
+    bioimage.io package carries as its documentation."""
+    info = _info(model)
+    return _card_body(model, info, repo_id, _pixel_size(info))
+
+
 def _info(model) -> InferenceInfo:
     info = getattr(model, "inference_info", None)
     return info if isinstance(info, InferenceInfo) else InferenceInfo()

@@ -56,6 +56,12 @@ class NucleiWidget(QWidget):
         self.threshold_spin.setSingleStep(0.05)
         self.threshold_spin.setSpecialValueText("model's default")
         form.addRow("threshold", self.threshold_spin)
+        # predict's --min-area, in image pixels: smaller objects are dropped (15 px: predict's default
+        # where the image records no pixel size)
+        self.min_area_spin = QSpinBox()
+        self.min_area_spin.setRange(0, 1_000_000)
+        self.min_area_spin.setValue(15)
+        form.addRow("smallest nucleus (px)", self.min_area_spin)
         self.split_check = None
         if "split" in instance_options():  # offered only where predict's instances can split
             self.split_check = QCheckBox("split touching nuclei")
@@ -96,7 +102,8 @@ class NucleiWidget(QWidget):
     def options(self) -> dict[str, Any]:
         """segment_array's keywords from the form (None = the model's default)."""
         opts: dict[str, Any] = {"tile_size": self.window_spin.value() or None,
-                                "threshold": self.threshold_spin.value() or None}
+                                "threshold": self.threshold_spin.value() or None,
+                                "min_area": float(self.min_area_spin.value())}
         if self.split_check is not None:
             opts["split"] = self.split_check.isChecked()
         return opts

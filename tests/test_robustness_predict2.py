@@ -1,0 +1,185 @@
+"""Nothing lost, round two (issue 24), predict's side: sharded and concurrent runs into one folder,
+names compared as written, one corrupt slide in a folder, named errors for the rest, a folder that
+is input and --out at once. Tiny model, small TIFFs; the process tests start real processes."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+import bionet_fast.predict as predict_mod
+from bionet_fast.engine.predict_batch import ImageClaim
+from bionet_fast.models import BiONet
+from bionet_fast.predict import main as predict, output_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt") / "model"
+    torch.manual_seed(0)
+    BiONet(in_channels=3, classes=1, iterations=1, multiplier=0.125, depth=2, backend="reference").save_pretrained(folder)
+    return folder
+
+
+def _img(seed: int, h: int, w: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def _tif(path: Path, seed: int, side: int = 64) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, _img(seed, side, side), photometric="rgb", tile=(32, 32), compression="zlib")
+    return path
+
+
+def _args(ckpt, out, *extra):
+    return ["--checkpoint", str(ckpt), "--out", str(out), "--tile-size", "64", "--precision", "fp32",
+            "--no-progress", *map(str, extra)]
+
+
+def _spawn(ckpt, out, inputs, **env):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **{k: str(v) for k, v in env.items()})
+    return subprocess.Popen([sys.executable, "-m", "bionet_fast.predict", *_args(ckpt, out, *inputs)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(procs) -> list[str]:
+    done = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr
+        assert "Traceback" not in stderr
+        done += [line.split(" -> ")[0] for line in stdout.splitlines() if " -> " in line]
+    return done
+
+
+# --- 1: a sharded run over s and s_x; two plain runs into one folder -----------------------------
+def test_cleanup_removes_only_this_images_abandoned_temps(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    others = [".s_x_prob.tif.ab12cd34.tmp", ".s_x_mask.tif.q9w8e7r6.tmp", ".s_x.geojson.zz11yy22.tmp",
+              ".s_mask.tif.foo_mask.png.ab12cd34.tmp"]
+    mine = [".s_prob.tif.ab12cd34.tmp", ".s_mask.tif.q9w8e7r6.tmp", ".s.geojson.zz11yy22.tmp",
+            ".s_prob.channels.tmp"]
+    for n in others + mine:
+        (out / n).write_bytes(b"partial")
+    claim = ImageClaim(out, "s")
+    assert claim.take()
+    claim.release()
+    assert sorted(p.name for p in out.iterdir()) == sorted(others)  # and the lock file is gone
+
+
+def test_a_held_image_is_skipped_by_a_second_claim(tmp_path):
+    first, second = ImageClaim(tmp_path, "case1"), ImageClaim(tmp_path, "case1")
+    assert first.take()
+    (tmp_path / ".case1_mask.tif.ab12cd34.tmp").write_bytes(b"being written")
+    assert not second.take() and str(os.getpid()) in second.owner
+    assert (tmp_path / ".case1_mask.tif.ab12cd34.tmp").exists()  # a live holder's temp survives
+    assert ImageClaim(tmp_path, "case1_HE").take()  # another image: its own lock
+    first.release()
+    assert second.take()
+    second.release()
+
+
+def test_sharded_run_over_s_and_s_x_loses_nothing(tmp_path, ckpt):
+    slides = tmp_path / "slides"
+    for i, name in enumerate(("s", "s_x")):
+        _tif(slides / f"{name}.tif", i, side=192)
+    out = tmp_path / "out"
+    done = _finish([_spawn(ckpt, out, [slides], RANK=r, WORLD_SIZE=2, LOCAL_RANK=r) for r in range(2)])
+    assert sorted(Path(d).name for d in done) == ["s.tif", "s_x.tif"]
+    assert sorted(p.name for p in out.iterdir()) == ["s_mask.tif", "s_prob.tif", "s_x_mask.tif", "s_x_prob.tif"]
+    for n in ("s", "s_x"):
+        assert tifffile.imread(out / f"{n}_prob.tif").shape == (192, 192)
+
+
+def test_two_plain_runs_into_one_folder_write_each_image_once(tmp_path, ckpt):
+    slides = tmp_path / "slides"
+    for i, name in enumerate(("case1", "case1_HE", "case2", "case2_HE")):
+        _tif(slides / f"{name}.tif", i, side=128)
+    out = tmp_path / "out"
+    done = _finish([_spawn(ckpt, out, [slides]) for _ in range(2)])
+    assert sorted(Path(d).name for d in done) == ["case1.tif", "case1_HE.tif", "case2.tif", "case2_HE.tif"]
+    assert len(list(out.iterdir())) == 8 and not list(out.glob(".*"))
+
+
+# --- 2: names compared after the writers' sanitising --------------------------------------------
+def test_bracket_names_never_share_an_output(tmp_path, ckpt, capsys):
+    for name, seed in (("x[1]", 1), ("x_1", 2)):
+        Image.fromarray(_img(seed, 40, 48)).save(tmp_path / f"{name}.png")
+    assert output_names([tmp_path / "x[1].png"]) == ["x_1"]  # the name the PNG writer writes
+    assert predict(_args(ckpt, tmp_path / "out", tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "x_1" in err and "x[1].png" in err and "rename one" in err and "Traceback" not in err
+    # alone, x[1] is checked as complete under the name it was written as
+    assert predict(_args(ckpt, tmp_path / "out", tmp_path / "x[1].png")) == 0
+    assert (tmp_path / "out" / "x_1_mask.png").is_file()
+    assert predict(_args(ckpt, tmp_path / "out", tmp_path / "x[1].png")) == 0
+    assert "outputs complete, skipped" in capsys.readouterr().out
+
+
+# --- 7: one corrupt slide in a folder; named errors, exit 2, never a traceback ---------------------
+def _garble_a_tile(path: Path) -> None:
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[1], tif.pages[0].databytecounts[1]
+    data = bytearray(path.read_bytes())
+    data[offset:offset + count] = b"\xff" * count
+    path.write_bytes(bytes(data))
+
+
+def test_one_corrupt_slide_is_reported_and_the_others_finish(tmp_path, ckpt, capsys):
+    slides = tmp_path / "slides"
+    for i in range(3):
+        _tif(slides / f"s{i}.tif", i)
+    _garble_a_tile(slides / "s1.tif")
+    (slides / "s3.tif").write_bytes(b"II*\x00 a truncated header")
+    out = tmp_path / "out"
+    assert predict(_args(ckpt, out, slides)) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "wrote predictions of 2 image(s)" in captured.out
+    summary = captured.err[captured.err.index("2 image(s) failed"):]
+    assert "2 image(s) failed" in summary and "s1.tif" in summary and "s3.tif" in summary
+    assert sorted(p.name for p in out.iterdir()) == ["s0_mask.tif", "s0_prob.tif", "s2_mask.tif", "s2_prob.tif"]
+
+
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "0"}, {"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "two"}])
+def test_bad_rank_or_world_size_is_a_named_error(tmp_path, ckpt, capsys, monkeypatch, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    _tif(tmp_path / "s.tif", 0)
+    assert predict(_args(ckpt, tmp_path / "out", tmp_path / "s.tif")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "WORLD_SIZE" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_full_disk_or_read_only_out_ends_with_a_named_error(tmp_path, ckpt, capsys, monkeypatch, code):
+    for i in range(2):
+        _tif(tmp_path / "in" / f"s{i}.tif", i)
+
+    def fail(*a, **k):
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(predict_mod._Job, "run", fail)
+    assert predict(_args(ckpt, tmp_path / "out", tmp_path / "in")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cannot write into --out" in err and os.strerror(code) in err
+    assert err.count("error:") == 1  # the run stopped: the second image was not tried
+
+
+# --- 10: a folder that is input and --out at once -------------------------------------------------
+def test_out_equal_to_the_input_folder_does_not_predict_outputs_again(tmp_path, ckpt, capsys):
+    Image.fromarray(_img(0, 40, 48)).save(tmp_path / "a.png")
+    assert predict(_args(ckpt, tmp_path, tmp_path)) == 0
+    assert predict(_args(ckpt, tmp_path, tmp_path, "--overwrite")) == 0
+    captured = capsys.readouterr()
+    assert "2 file(s)" in captured.err and "earlier outputs" in captured.err
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["a.png", "a_mask.png", "a_prob.png"]

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, check_numbers, check_writable, inference_options,
+from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, WINDOW, check_numbers, check_writable, inference_options,
                    model_threshold)
 from .data.readers import IMAGE_EXTS, TIFF_EXTS, match_channels, read_image, read_stack, to_float
 from .engine.cuda_graph import graphed_forward
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Every numeric option, checked before any work by _cli.check_numbers (the message names the flag).
-NUMBERS = dict(tile_size=(lambda v: v >= 1, "a window side >= 1, e.g. 512"), overlap=FRACTION,
+NUMBERS = dict(tile_size=WINDOW, overlap=FRACTION,
                batch_size=AT_LEAST_1, min_area=(lambda v: v >= 0, "a pixel count >= 0"),
                level=(lambda v: v >= 0, "a pyramid level >= 0"),
                mpp=(lambda v: v > 0, "micrometres per pixel > 0, e.g. 0.5"),

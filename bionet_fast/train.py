@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ._cli import AT_LEAST_0, AT_LEAST_1, MOMENTUM, POSITIVE, check_multiple, check_numbers, check_writable
+from ._cli import (AT_LEAST_0, AT_LEAST_1, MOMENTUM, POSITIVE, WINDOW, check_multiple, check_numbers,
+                   check_writable)
 from .engine import checkpoint_io as tio
 from .data.training import build_data
 from .engine.trainer import Diverged, Trainer, setup_distributed
@@ -59,7 +60,7 @@ BIONET_ONLY = ("multiplier", "depth", "backward_skips", "integrate", "padding_mo
 NUMBERS = dict(t=AT_LEAST_1, multiplier=POSITIVE, depth=AT_LEAST_1, backward_skips=AT_LEAST_0, in_channels=AT_LEAST_1,
                classes=AT_LEAST_1, bn_momentum=MOMENTUM, image_size=AT_LEAST_1, workers=AT_LEAST_0,
                n_train=AT_LEAST_1, n_val=AT_LEAST_1, epochs=AT_LEAST_1, steps=AT_LEAST_1, batch_size=AT_LEAST_1,
-               lr=AT_LEAST_0, lr_decay=AT_LEAST_0, precise_bn=AT_LEAST_0, seed=AT_LEAST_0, tile_size=AT_LEAST_1,
+               lr=AT_LEAST_0, lr_decay=AT_LEAST_0, precise_bn=AT_LEAST_0, seed=AT_LEAST_0, tile_size=WINDOW,
                save_every_steps=AT_LEAST_0, save_every_minutes=POSITIVE, threads=AT_LEAST_1,
                grad_accum_steps=AT_LEAST_1, clip_grad=POSITIVE,
                model_ema_decay=(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.999"))

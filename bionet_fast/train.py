@@ -41,6 +41,7 @@ from ._cli import (AT_LEAST_0, AT_LEAST_1, MOMENTUM, POSITIVE, WINDOW, check_mul
                    check_writable)
 from .engine import checkpoint_io as tio
 from .data.training import build_data
+from .engine.train_notes import accumulation_warning
 from .engine.trainer import Diverged, Trainer, setup_distributed
 from .engine.checkpoint_io import ARGS_JSON
 from .engine.cpu_threads import default_threads
@@ -294,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.lr == 0:
         print("warning: --lr 0: the weights will not change (only the BatchNorm statistics will)", file=sys.stderr)
+    accumulation = accumulation_warning(args.grad_accum_steps, args.steps, args.epochs)
+    if accumulation:
+        print(accumulation, file=sys.stderr)
     return run(args, changes)
 
 

@@ -19,6 +19,7 @@ import argparse
 import sys
 import types
 
+from .engine.export_target import check_export_target
 from .engine.export import FORMATS, ExportReport, export
 from .engine.inference import InferenceOptions, load_for_inference
 from .models.config import InferenceInfo
@@ -36,12 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write (OUT.json goes beside it)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--no-verify", action="store_true", help="do not run the written file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (never a model "
+                   "folder's own files)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_export_target(args.out, args.checkpoint, args.overwrite)  # before any loading or tracing
         opts = InferenceOptions(args.checkpoint, device="cpu", backend="reference")
         model, _, task, scale, tile = load_for_inference(opts)
         if getattr(model, "inference_info", None) is None:  # older folders: train_args.json's choices
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  else None, tile_size=tile)
         report: ExportReport = export(model, args.out, format=args.format, opset=args.opset,
                                       verify=not args.no_verify)
-    except (FileNotFoundError, ValueError, ImportError) as err:
+    except (FileNotFoundError, ValueError, ImportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.summary())

@@ -92,3 +92,25 @@ def test_the_planner_refuses_what_it_cannot_compute_in_seconds(capsys, argv, fie
     assert plan(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and field in err and "Traceback" not in err
+
+
+# --- 3: export never writes onto a model folder's files, a folder, or an existing file ----------
+def test_export_refuses_a_model_folders_own_files_folders_and_existing_files(tmp_path, capsys):
+    from bionet_fast.export import main as export
+
+    run = tmp_path / "run"
+    BiONet(in_channels=3, classes=1, iterations=1, multiplier=0.125, depth=2).save_pretrained(run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    base = ["--checkpoint", str(run), "--format", "torchscript", "--no-verify"]
+    (tmp_path / "file").write_bytes(b"a file, not a folder")
+    for out, says in ((run / "model.safetensors", "model folder"), (run / "config", "model folder"),
+                      (run / "README.md", "model folder"), (tmp_path, "is a folder"),
+                      (tmp_path / "file" / "m.pt", "not a writable folder")):
+        assert export(base + ["--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and "Traceback" not in err, (out, err)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # the folder still loads
+    (tmp_path / "m.pt").write_bytes(b"someone's file")
+    assert export(base + ["--out", str(tmp_path / "m.pt")]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "m.pt").read_bytes() == b"someone's file"
+    assert export(base + ["--out", str(tmp_path / "m.pt"), "--overwrite"]) == 0

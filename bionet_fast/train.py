@@ -262,6 +262,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"super-resolution outputs the image: --classes must equal --in-channels "
                          f"({args.in_channels}), got {args.classes}")
     check_multiple("--tile-size", args.tile_size, multiple, why)
+    if args.arch == "bionet" and args.padding_mode == "reflect" and args.image_size and args.image_size < 2 * multiple:
+        raise ValueError(f"--image-size {args.image_size}: a reflect-padded BiO-Net of depth {args.depth} needs "
+                         f"training crops of at least {2 * multiple} (its deepest maps must be 2 x 2 to be "
+                         f"reflected); use --image-size {2 * multiple}, or --padding-mode replicate")
     if args.cuda_graph and args.grad_accum_steps > 1:  # (--clip-grad is captured in the graph)
         raise ValueError("--cuda-graph replays one whole optimizer step per batch: it cannot accumulate "
                          "gradients; drop --cuda-graph or --grad-accum-steps")

@@ -183,3 +183,59 @@ def test_out_equal_to_the_input_folder_does_not_predict_outputs_again(tmp_path, 
     captured = capsys.readouterr()
     assert "2 file(s)" in captured.err and "earlier outputs" in captured.err
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["a.png", "a_mask.png", "a_prob.png"]
+
+
+# --- 8: inputs and windows smaller than a reflect-padded model's reflection needs ---------------
+@pytest.fixture(scope="module")
+def reflect_ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reflect") / "model"
+    torch.manual_seed(1)
+    BiONet(in_channels=3, classes=1, iterations=2, multiplier=0.125, depth=2, padding_mode="reflect",
+           backend="reference").save_pretrained(folder)
+    return folder
+
+
+def test_tiny_inputs_on_a_reflect_model_through_the_model_and_infer(reflect_ckpt):
+    from bionet_fast.engine.inference import infer
+    from bionet_fast.models import from_pretrained
+
+    model = from_pretrained(reflect_ckpt).eval()
+    assert model.config.min_side == 16
+    big = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        ref = torch.nn.Module.__call__(model, big)  # 16 x 16: no padding, as before
+        for h, w in [(1, 1), (5, 3), (1, 16), (7, 9), (16, 16)]:
+            out = infer(model, torch.rand(1, 3, h, w), "segmentation", 16, 0.25)
+            assert out.shape == (1, 1, h, w) and torch.isfinite(out).all(), (h, w)
+        assert model(torch.rand(2, 3, 8, 8)).shape == (2, 1, 8, 8)  # a valid multiple, below the reflection's need
+    assert torch.equal(ref, model(big))
+
+
+def test_tiny_images_and_windows_in_predict_and_evaluate(tmp_path, reflect_ckpt, capsys):
+    from bionet_fast.evaluate import main as evaluate
+
+    for h in range(1, 17, 3):
+        for w in (1, 5, 16):
+            for folder, arr in (("images", _img(h * w, h, w)), ("masks", (_img(h + w, h, w)[..., 0] > 128) * 255)):
+                (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr.astype(np.uint8)).save(tmp_path / "data" / folder / f"im{h}x{w}.png")
+    images = tmp_path / "data" / "images"
+    for tile in ("8", "16"):
+        argv = ["--checkpoint", str(reflect_ckpt), "--out", str(tmp_path / f"p{tile}"), str(images),
+                "--tile-size", tile, "--no-progress", "--precision", "fp32"]
+        assert predict(argv) == 0, capsys.readouterr().err
+        assert len(list((tmp_path / f"p{tile}").glob("*_mask.png"))) == 18
+        assert evaluate(["--checkpoint", str(reflect_ckpt), "--data", str(tmp_path / "data"), "--out",
+                         str(tmp_path / f"e{tile}"), "--device", "cpu", "--tile-size", tile, "--quiet"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_train_refuses_crops_too_small_to_reflect_naming_the_smallest(tmp_path, capsys):
+    from bionet_fast.train import main as train
+
+    base = ["--t", "2", "--multiplier", "0.125", "--depth", "3", "--padding-mode", "reflect", "--batch-size", "2",
+            "--steps", "1", "--epochs", "1", "--device", "cpu", "--quiet", "--workers", "0", "--n-train", "4",
+            "--n-val", "2", "--out", str(tmp_path / "run")]
+    assert train(base + ["--image-size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "--image-size 16" in err and "at least 32" in err and "Traceback" not in err

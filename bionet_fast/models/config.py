@@ -95,6 +95,13 @@ class BiONetConfig(JsonConfig):
         """Input height and width must be multiples of this: 2**(depth+1)."""
         return 2 ** (self.depth + 1)
 
+    @property
+    def min_side(self) -> int:
+        """The smallest input side the network computes as is: size_multiple, and twice that for
+        reflect padding (torch reflects at most side - 1 pixels: the deepest 1 x 1 feature map of
+        a size_multiple input cannot be reflect-padded). BiONet.forward pads smaller inputs up."""
+        return self.size_multiple * (2 if self.padding_mode == "reflect" else 1)
+
     def has_backward_skip(self, level: int) -> bool:
         """Whether encoder level ``level`` (0 = shallowest) concatenates a decoder feature."""
         return level >= self.depth - self.skips

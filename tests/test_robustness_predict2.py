@@ -239,3 +239,39 @@ def test_train_refuses_crops_too_small_to_reflect_naming_the_smallest(tmp_path, 
     assert train(base + ["--image-size", "16"]) == 2
     err = capsys.readouterr().err
     assert "--image-size 16" in err and "at least 32" in err and "Traceback" not in err
+
+
+# --- 6: --tissue-only's thumbnail in bounded memory ----------------------------------------------
+@pytest.mark.parametrize("layout", ["tiled", "strips", "uncompressed"])
+def test_tissue_thumbnail_of_a_large_tiff_in_bounded_memory(tmp_path, layout):
+    import tracemalloc
+
+    from bionet_fast.engine.slide import TiffReader
+
+    side = 8192 if layout == "tiled" else 4096  # 192 MB / 48 MB of pixels
+    path = tmp_path / f"{layout}.tif"
+    tile = np.full((256, 256, 3), 220, np.uint8)
+    tile[64:192, 64:192] = (150, 60, 140)  # "tissue"
+    if layout == "tiled":
+        tifffile.imwrite(path, (tile for _ in range((side // 256) ** 2)), shape=(side, side, 3), dtype=np.uint8,
+                         tile=(256, 256), compression="zlib", photometric="rgb", bigtiff=True)
+    else:
+        tifffile.imwrite(path, np.tile(tile, (side // 256, side // 256, 1)), rowsperstrip=256, bigtiff=True,
+                         compression="zlib" if layout == "strips" else None, photometric="rgb")
+    reader = TiffReader(path)
+    assert (reader._memmap is not None) == (layout == "uncompressed")
+    level_bytes = side * side * 3
+    tracemalloc.start()
+    try:
+        thumb, factor = reader.thumbnail(max_side=1024)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        reader.close()
+    assert max(thumb.shape[:2]) <= 1024 and factor == side / thumb.shape[1]
+    segment = 256 * (256 if layout == "tiled" else side) * 3
+    bound = thumb.nbytes + 3 * segment + 2**20  # the thumbnail, one decoded segment (and the codec's copies)
+    assert peak < bound and peak < level_bytes / 4, (peak, bound)
+    expected = tile[::int(factor), ::int(factor)] if 256 % int(factor) == 0 else None
+    if expected is not None:
+        assert np.array_equal(thumb[:expected.shape[0], :expected.shape[1]], expected)

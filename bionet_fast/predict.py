@@ -49,7 +49,8 @@ from .engine.precision import PRECISIONS, autocast_context, prepare_model, resol
 from .engine.slide import SLIDE_EXTS, file_mpp, open_slide
 from .engine.streaming import StreamOptions
 from .engine.names import safe_name
-from .engine.predict_batch import BatchReport, ImageClaim, drop_earlier_outputs, folder_error, shard_of
+from .engine.predict_batch import (BatchReport, ImageClaim, check_tiff, drop_earlier_outputs, folder_error,
+                                   shard_of)
 from .engine.whole_slide import OutputOptions, expected_outputs, predict_image
 from .engine.writers import write_outputs, write_pages, write_stack
 
@@ -256,7 +257,8 @@ class _Job:
 
 def _predict_one(job: _Job, path: Path, name: str, out: Path, args, report: BatchReport) -> str:
     """One image under its lock (engine.predict_batch): "written", "skipped" or "busy"."""
-    expected = job.expected(path, name)  # reads the file's header: a bad file fails before any write
+    check_tiff(path)  # 0-size pages, missing tiles: named from the header, before any write
+    expected = job.expected(path, name)
     claim = ImageClaim(out, name)
     if not claim.take():
         report.skip_busy(path, claim.owner)

@@ -142,12 +142,17 @@ def test_one_corrupt_slide_is_reported_and_the_others_finish(tmp_path, ckpt, cap
         _tif(slides / f"s{i}.tif", i)
     _garble_a_tile(slides / "s1.tif")
     (slides / "s3.tif").write_bytes(b"II*\x00 a truncated header")
+    for name, tag, value in (("s4.tif", "ImageWidth", 0), ("s5.tif", "ImageWidth", 100000)):
+        _tif(slides / name, 5)  # a 0-size page; a 100000-px-wide page that holds one row of 32 px tiles
+        with tifffile.TiffFile(slides / name, mode="r+") as tif:
+            tif.pages[0].tags[tag].overwrite(value)
     out = tmp_path / "out"
     assert predict(_args(ckpt, out, slides)) == 2
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and "wrote predictions of 2 image(s)" in captured.out
-    summary = captured.err[captured.err.index("2 image(s) failed"):]
-    assert "2 image(s) failed" in summary and "s1.tif" in summary and "s3.tif" in summary
+    summary = captured.err[captured.err.index("4 image(s) failed"):]
+    assert all(f"s{i}.tif" in summary for i in (1, 3, 4, 5)), summary
+    assert "64 x 0 pixels" in summary and "holds 4 of the 6250 tiles" in summary
     assert sorted(p.name for p in out.iterdir()) == ["s0_mask.tif", "s0_prob.tif", "s2_mask.tif", "s2_prob.tif"]
 
 

@@ -129,6 +129,8 @@ def folder_error(err: BaseException) -> bool:
 def reason(err: BaseException) -> str:
     """One line: the exception's class and message (tifffile / zlib errors name no file)."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if type(err) is ValueError and text:  # our own named errors: the message says it all
+        return text
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
@@ -158,3 +160,35 @@ class BatchReport:
     @property
     def exit_code(self) -> int:
         return 2 if self.failed else 0
+
+
+def check_tiff(path: Path, pages: int = 64) -> None:
+    """ValueError naming the page and the damage when a TIFF's header cannot describe its pixels: a
+    0-size page, or fewer tiles / strips than its size needs (truncated, or damaged size tags).
+    Read from the header only; other files pass."""
+    import tifffile
+
+    if path.suffix.lower() not in (".tif", ".tiff", ".btf", ".tf8", ".tf2", ".svs", ".ndpi"):
+        return
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as err:  # noqa: BLE001 - tifffile raises several kinds for a broken header
+        raise ValueError(f"not a readable TIFF ({reason(err)})") from None
+    with tif:
+        for i, page in enumerate(tif.pages[:pages]):
+            if not isinstance(page, tifffile.TiffPage):
+                continue
+            h, w = page.imagelength, page.imagewidth
+            if h < 1 or w < 1:
+                raise ValueError(f"page {i} is {h} x {w} pixels: the file is damaged (no pixels to predict)")
+            planes = page.samplesperpixel if page.planarconfig == 2 else 1
+            if page.is_tiled:
+                need = -(-h // page.tilelength) * -(-w // page.tilewidth) * max(1, page.imagedepth) * planes
+                what = "tiles"
+            else:
+                need = -(-h // min(page.rowsperstrip or h, h)) * planes
+                what = "strips"
+            have = len(page.dataoffsets)
+            if have < need:
+                raise ValueError(f"page {i} ({h} x {w} pixels) holds {have} of the {need} {what} its size needs: "
+                                 "the file is truncated or its size tags are damaged")

@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 done[_predict_one(job, path, name, out, args, report)] += 1
             except Exception as err:  # noqa: BLE001 - one bad file is reported, the batch goes on
-                if folder_error(err):
+                if folder_error(err, out):
                     raise OSError(f"cannot write into --out {out}: {err}; free space or choose another "
                                   "--out") from err
                 report.fail(path, err)

@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from bionet_fast.models import BiONet
 from bionet_fast.plan import main as plan

@@ -280,3 +280,15 @@ def test_tissue_thumbnail_of_a_large_tiff_in_bounded_memory(tmp_path, layout):
     expected = tile[::int(factor), ::int(factor)] if 256 % int(factor) == 0 else None
     if expected is not None:
         assert np.array_equal(thumb[:expected.shape[0], :expected.shape[1]], expected)
+
+
+def test_an_unreadable_input_is_that_inputs_failure_not_the_folders(tmp_path):
+    from bionet_fast.engine.predict_batch import folder_error
+
+    out = tmp_path / "out"
+    assert not folder_error(PermissionError(errno.EACCES, "denied", str(tmp_path / "in" / "a.tif")), out)
+    assert folder_error(PermissionError(errno.EACCES, "denied", str(out / ".a_mask.tif.x.tmp")), out)
+    assert folder_error(RuntimeError("writing failed").with_traceback(None), out) is False
+    wrapped = RuntimeError("writing a_mask.tif failed")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert folder_error(wrapped, out)

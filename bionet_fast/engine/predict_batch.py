@@ -117,11 +117,16 @@ class ImageClaim:
         return gone
 
 
-def folder_error(err: BaseException) -> bool:
-    """Whether `err` is about the output folder (full disk, read-only, no permission)."""
+def folder_error(err: BaseException, out: Path) -> bool:
+    """Whether `err` is about the output folder: a full disk or read-only file system, or no
+    permission on a file in `out` (an unreadable input is that input's own failure)."""
+    out = out.resolve()
     while err is not None:
         if isinstance(err, OSError) and err.errno in FOLDER_ERRNOS:
-            return True
+            name = getattr(err, "filename", None)
+            inside = name is None or out in Path(os.path.abspath(name)).parents
+            if err.errno in (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", -1)) or inside:
+                return True
         err = err.__cause__ or err.__context__
     return False
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .engine.engines import ENGINES
 from .engine.inference import InferenceOptions
+from .models.config_checks import MAX_TILE
 
 
 def inference_options(args: argparse.Namespace) -> InferenceOptions:
@@ -26,6 +27,7 @@ AT_LEAST_0 = (lambda v: _finite(v) and v >= 0, "0 or more")
 POSITIVE = (lambda v: _finite(v) and v > 0, "a positive number")
 FRACTION = (lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1), e.g. 0.25")
 MOMENTUM = (lambda v: _finite(v) and 0 < v <= 1, "in (0, 1], e.g. 0.01")
+WINDOW = (lambda v: 1 <= v <= MAX_TILE, f"at least 1 and at most {MAX_TILE} (a window side, e.g. 512)")  # models.config_checks
 PROBABILITY = (lambda v: _finite(v) and 0 < v < 1, "a probability in (0, 1), e.g. 0.5")
 
 

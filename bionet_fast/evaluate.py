@@ -37,8 +37,8 @@ from .utils.progress import tqdm
 
 from .engine.writers import write_outputs
 from .utils.files import atomic_write, write_json
-from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, add_engine_arguments, check_multiple, check_numbers,
-                   check_writable, inference_options, model_threshold)
+from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, WINDOW, add_engine_arguments, check_multiple,
+                   check_numbers, check_writable, inference_options, model_threshold)
 from .data import SegmentationDataset
 from .data.training import synthetic_heldout, uniform_sizes
 from .engine.engines import inference_setup
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-NUMBERS = dict(batch_size=AT_LEAST_1, overlap=FRACTION, tile_size=AT_LEAST_1, sr_scale=AT_LEAST_1,
+NUMBERS = dict(batch_size=AT_LEAST_1, overlap=FRACTION, tile_size=WINDOW, sr_scale=AT_LEAST_1,
                threshold=PROBABILITY, threads=AT_LEAST_1)
 
 

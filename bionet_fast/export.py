@@ -29,6 +29,7 @@ import types
 
 from .engine.bioimageio import export_bioimageio
 from .engine.export import FORMATS, ONNX_EXPORTERS, ExportReport, export
+from .engine.export_target import check_export_target
 from .engine.inference import InferenceOptions, load_for_inference
 from .models.config import InferenceInfo
 
@@ -49,12 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "that fails (the reason is printed); dynamo or torchscript: that one only")
     p.add_argument("--mpp", type=float, help="bioimageio: the training pixel size, micrometres per pixel")
     p.add_argument("--no-verify", action="store_true", help="do not run the written file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (never a model "
+                   "folder's own files)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_export_target(args.out, args.checkpoint, args.overwrite)  # before any loading or tracing
         opts = InferenceOptions(args.checkpoint, device="cpu", backend="reference")
         model, _, task, scale, tile = load_for_inference(opts)
         if getattr(model, "inference_info", None) is None:  # older folders: train_args.json's choices
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report = export(model, args.out, format=args.format, opset=args.opset,
                             verify=not args.no_verify, onnx_exporter=args.onnx_exporter)
-    except (FileNotFoundError, ValueError, ImportError) as err:
+    except (FileNotFoundError, ValueError, ImportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.summary())

@@ -16,6 +16,7 @@ from typing import Optional
 
 from ._cli import AT_LEAST_1, POSITIVE, check_numbers
 from .engine.planner import DoesNotFit, Planner, candidates, fit_or_explain, parse_bytes
+from .engine.plan_bounds import check_plan_bounds
 from .engine.step_model import Checkpointing
 from .models import BiOLinkNetConfig, BiONetConfig
 
@@ -124,6 +125,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         check_numbers(args, dict(iterations=AT_LEAST_1, depth=AT_LEAST_1, batch_size=AT_LEAST_1,
                                  image_size=AT_LEAST_1, multiplier=POSITIVE))
+        check_plan_bounds(args.iterations, args.image_size, args.batch_size, args.budget is not None)
         budget = None if args.budget is None else parse_bytes(args.budget)
         if args.table:
             table(args)

@@ -52,8 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, add_engine_arguments, check_numbers, inference_options,
-                   model_threshold)
+from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, WINDOW, add_engine_arguments, check_numbers, check_writable,
+                   inference_options, model_threshold)
 from .data.readers import IMAGE_EXTS, TIFF_EXTS, match_channels, read_image, read_stack, to_float
 from .engine.engines import inference_setup
 from .engine.inference import TASKS, infer, load_for_inference, window_predictor
@@ -61,6 +61,9 @@ from .engine.pixel_size import min_area_pixels, open_for_prediction, parse_min_a
 from .engine.precision import PRECISIONS
 from .engine.slide import SLIDE_EXTS, file_mpp
 from .engine.streaming import StreamOptions
+from .engine.names import safe_name
+from .engine.predict_batch import (BatchReport, ImageClaim, check_tiff, drop_earlier_outputs, folder_error,
+                                   shard_of)
 from .engine.whole_slide import OutputOptions, expected_outputs, predict_image
 from .engine.writers import write_outputs, write_pages, write_stack
 
@@ -90,7 +93,7 @@ def output_names(files: list[Path]) -> list[str]:
     """One output name per input, never two alike: the file's stem, or where stems collide
     (a/im0.png, b/im0.png) the path from the colliding files' common folder joined by "__", with
     the extension added if that still collides (im0.png, im0.tif)."""
-    stems = [f.stem for f in files]
+    stems = [f.stem for f in files]  # (then sanitised as the writers do: engine.names.safe_name)
     names = list(stems)
     for stem in set(stems):
         group = [i for i, s in enumerate(stems) if s == stem]
@@ -103,6 +106,7 @@ def output_names(files: list[Path]) -> list[str]:
         if len({names[i] for i in group}) < len(group):
             for i in group:
                 names[i] += "_" + files[i].suffix.lstrip(".").lower()
+    names = [safe_name(n) for n in names]  # compared as written: x[1] and x_1 both write x_1_*
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
         raise ValueError(f"inputs would share the output name(s) {', '.join(clash)}: rename one of "
@@ -157,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Every numeric option, checked before any work by _cli.check_numbers (the message names the flag).
-NUMBERS = dict(tile_size=(lambda v: v >= 1, "a window side >= 1, e.g. 512"), overlap=FRACTION,
+NUMBERS = dict(tile_size=WINDOW, overlap=FRACTION,
                batch_size=AT_LEAST_1,
                level=(lambda v: v >= 0, "a pyramid level >= 0"),
                mpp=(lambda v: v > 0, "micrometres per pixel > 0, e.g. 0.5"),
@@ -175,7 +179,7 @@ def validate(args: argparse.Namespace) -> None:
 
 def _shard(files: list[Path], names: list[str]) -> tuple[list[tuple[Path, str]], int, int]:
     """This process' share of the images under torchrun (RANK / WORLD_SIZE): every WORLD_SIZE-th."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = shard_of()
     return [fn for i, fn in enumerate(zip(files, names)) if i % world == rank], rank, world
 
 
@@ -286,22 +290,38 @@ def class_names(model) -> list[str] | None:
     return ["Background"] + [f"Class {i}" for i in range(1, k)] if k > 1 else None
 
 
-def _clean_stale(out: Path, name: str) -> None:
-    """Remove temporary files a killed run left for this image (only this process handles it)."""
-    if out.is_dir():
-        for tmp in out.glob(f".{name}_*.tmp"):
-            tmp.unlink(missing_ok=True)
-        for tmp in out.glob(f".{name}.geojson.*.tmp"):
-            tmp.unlink(missing_ok=True)
-        for tmp in out.glob(f"..{name}_*.tmp"):  # the temporaries of the hidden intermediates above
-            tmp.unlink(missing_ok=True)
+def _predict_one(job: _Job, path: Path, name: str, out: Path, args, report: BatchReport) -> str:
+    """One image under its lock (engine.predict_batch): "written", "skipped" or "busy"."""
+    check_tiff(path)  # 0-size pages, missing tiles: named from the header, before any write
+    expected = job.expected(path, name)
+    claim = ImageClaim(out, name)
+    if not claim.take():
+        report.skip_busy(path, claim.owner)
+        return "busy"
+    try:
+        if not args.overwrite and all((out / f).is_file() for f in expected):
+            print(f"{path}: outputs complete, skipped (--overwrite to redo)")
+            return "skipped"
+        job.run(path, name, out)
+    finally:
+        claim.release()
+    print(f"{path} -> {out / name}_*")
+    return "written"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         validate(args)
+        shard_of()  # RANK / WORLD_SIZE checked before any work
         files = collect_images(args.images)
+        out = check_writable(Path(args.out), "--out")
+        files, dropped = drop_earlier_outputs(files, out)
+        if dropped:
+            print(f"note: {dropped} file(s) in {out} are earlier outputs (NAME_mask, NAME_prob ...): not predicted "
+                  "again", file=sys.stderr)
+        if not files:
+            raise ValueError(f"no images left to predict: every input in {out} is an earlier output")
         names = output_names(files)
         args.device = _device(args.device)
         model, device, task, scale, tile = load_for_inference(inference_options(args))
@@ -310,27 +330,26 @@ def main(argv: list[str] | None = None) -> int:
                              f"pixels (a multiple of 2**(depth+1)); use e.g. --tile-size {4 * model.size_multiple}")
         job = _Job(args, model, device, task, scale, tile)
         mine, rank, world = _shard(files, names)
-        out = Path(args.out)
-        written = skipped = 0
+        report = BatchReport()
+        done = {"written": 0, "skipped": 0, "busy": 0}
         for path, name in mine:
             try:
-                if not args.overwrite and all((out / f).is_file() for f in job.expected(path, name)):
-                    skipped += 1
-                    print(f"{path}: outputs complete, skipped (--overwrite to redo)")
-                    continue
-                _clean_stale(out, name)
-                job.run(path, name, out)
-            except ValueError as err:  # name the file (tifffile's own errors do not)
-                raise ValueError(str(err) if str(path) in str(err) else f"{path}: {err}") from err
-            written += 1
-            print(f"{path} -> {out / name}_*")
-    except (FileNotFoundError, ValueError) as err:
+                done[_predict_one(job, path, name, out, args, report)] += 1
+            except Exception as err:  # noqa: BLE001 - one bad file is reported, the batch goes on
+                if folder_error(err, out):
+                    raise OSError(f"cannot write into --out {out}: {err}; free space or choose another "
+                                  "--out") from err
+                report.fail(path, err)
+        written, skipped = done["written"], done["skipped"]
+    except (FileNotFoundError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     share = f" (process {rank} of {world}: {len(mine)} of {len(files)} images)" if world > 1 else ""
     print(f"wrote predictions of {written} image(s) to {out}" + (f", skipped {skipped} complete" if skipped else "")
           + share + f"; {job.setup.describe()}")
-    return 0
+    if report.summary():
+        print(report.summary(), file=sys.stderr)
+    return report.exit_code
 
 
 if __name__ == "__main__":

@@ -42,9 +42,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ._cli import AT_LEAST_0, AT_LEAST_1, MOMENTUM, POSITIVE, check_multiple, check_numbers, check_writable
+from ._cli import (AT_LEAST_0, AT_LEAST_1, MOMENTUM, POSITIVE, WINDOW, check_multiple, check_numbers,
+                   check_writable)
 from .engine import checkpoint_io as tio
 from .data.training import build_data
+from .engine.train_notes import accumulation_warning
 from .engine.trainer import Diverged, Trainer, setup_distributed
 from .engine.checkpoint_io import ARGS_JSON
 from .engine.cpu_threads import default_threads
@@ -64,7 +66,7 @@ BIONET_ONLY = ("multiplier", "depth", "backward_skips", "integrate", "padding_mo
 NUMBERS = dict(t=AT_LEAST_1, multiplier=POSITIVE, depth=AT_LEAST_1, backward_skips=AT_LEAST_0, in_channels=AT_LEAST_1,
                classes=AT_LEAST_1, bn_momentum=MOMENTUM, image_size=AT_LEAST_1, workers=AT_LEAST_0,
                n_train=AT_LEAST_1, n_val=AT_LEAST_1, epochs=AT_LEAST_1, steps=AT_LEAST_1, batch_size=AT_LEAST_1,
-               lr=AT_LEAST_0, lr_decay=AT_LEAST_0, precise_bn=AT_LEAST_0, seed=AT_LEAST_0, tile_size=AT_LEAST_1,
+               lr=AT_LEAST_0, lr_decay=AT_LEAST_0, precise_bn=AT_LEAST_0, seed=AT_LEAST_0, tile_size=WINDOW,
                save_every_steps=AT_LEAST_0, save_every_minutes=POSITIVE, threads=AT_LEAST_1,
                grad_accum_steps=AT_LEAST_1, clip_grad=POSITIVE, train_mpp=POSITIVE,
                model_ema_decay=(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.999"))
@@ -269,6 +271,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"super-resolution outputs the image: --classes must equal --in-channels "
                          f"({args.in_channels}), got {args.classes}")
     check_multiple("--tile-size", args.tile_size, multiple, why)
+    if args.arch == "bionet" and args.padding_mode == "reflect" and args.image_size and args.image_size < 2 * multiple:
+        raise ValueError(f"--image-size {args.image_size}: a reflect-padded BiO-Net of depth {args.depth} needs "
+                         f"training crops of at least {2 * multiple} (its deepest maps must be 2 x 2 to be "
+                         f"reflected); use --image-size {2 * multiple}, or --padding-mode replicate")
     if args.cuda_graph and args.grad_accum_steps > 1:  # (--clip-grad is captured in the graph)
         raise ValueError("--cuda-graph replays one whole optimizer step per batch: it cannot accumulate "
                          "gradients; drop --cuda-graph or --grad-accum-steps")
@@ -302,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.lr == 0:
         print("warning: --lr 0: the weights will not change (only the BatchNorm statistics will)", file=sys.stderr)
+    accumulation = accumulation_warning(args.grad_accum_steps, args.steps, args.epochs)
+    if accumulation:
+        print(accumulation, file=sys.stderr)
     return run(args, changes)
 
 

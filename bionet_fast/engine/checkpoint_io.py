@@ -29,6 +29,7 @@ from ..utils.files import jsonable
 from ..utils.files import atomic_write, write_json  # noqa: F401 (re-exported)
 
 STATE_JSON = "training_state.json"
+EMA_PREFIX = "ema."  # the --model-ema weights inside the training state's tensor file
 ARGS_JSON = "train_args.json"
 METRICS_JSONL = "metrics.jsonl"
 LAST_WEIGHTS = "last.safetensors"
@@ -144,16 +145,20 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 # --- the training state ---------------------------------------------------------------------------
 def save_training_state(out: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler, scaler, progress: dict, grads: Optional[dict] = None) -> Path:
+                        scheduler, scaler, progress: dict, grads: Optional[dict] = None,
+                        ema: Optional[dict] = None) -> Path:
     """Write training_state.<step>.safetensors, then training_state.json pointing at it, then
     remove older tensor files. `progress`: JSON-able {"epoch", "step_in_epoch", "global_step",
     "best", ...}; `epoch` counts completed epochs. `grads`: {parameter name: gradient} summed so far
-    in an unfinished --grad-accum-steps cycle (restored by load_training_state)."""
+    in an unfinished --grad-accum-steps cycle (restored by load_training_state). `ema`: the
+    --model-ema state (engine.ema): saved in the same tensor file, so the EMA and the state are
+    one generation, committed by the one write of training_state.json (issue 24)."""
     out = Path(out)
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
     rng_tensors, rng_meta = rng_state()
     tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors, **rng_tensors,
-               **{f"grad.{k}": v for k, v in (grads or {}).items()}}
+               **{f"grad.{k}": v for k, v in (grads or {}).items()},
+               **{f"{EMA_PREFIX}{k}": v for k, v in (ema or {}).items()}}
     name = f"training_state.{progress['global_step']}.safetensors"
     save_tensors(out / name, tensors, {"format": "pt", "library": "bionet_fast"})
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
@@ -209,14 +214,18 @@ def clear_run(out: str | Path) -> None:
 
 
 def load_training_state(out: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler, scaler, restore_rng: bool = True) -> dict:
-    """Restore everything `save_training_state` wrote; returns the progress dict."""
+                        scheduler, scaler, restore_rng: bool = True, ema=None) -> dict:
+    """Restore everything `save_training_state` wrote; returns the progress dict. `ema`: a
+    ModelEma restored from the same tensor file (states older than that: from ema.safetensors)."""
     out = Path(out)
     path = out / STATE_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --resume needs the --out folder of an earlier "
                                 "run of python -m bionet_fast.train (it holds training_state.json)")
     meta = read_json(path, "the training state")
+    if not isinstance(meta, dict) or not isinstance(meta.get("progress"), dict):
+        raise ValueError(f"{path} is not a training state (an object with \"progress\", \"tensors\" ...); the run "
+                         "folder is damaged, start again with --overwrite")
     tensor_path = out / str(meta.get("tensors"))
     if not tensor_path.is_file():
         raise FileNotFoundError(f"{tensor_path} (named by {path}) is missing; the run folder is incomplete")
@@ -226,9 +235,35 @@ def load_training_state(out: str | Path, model: torch.nn.Module, optimizer: torc
         if f"grad.{name}" in tensors:
             param.grad = tensors[f"grad.{name}"].to(param.device, param.dtype)
     optimizer.load_state_dict(_join_optimizer(tensors, meta["optimizer"]))  # moves to the params' device
+    check_scheduler_state(meta.get("scheduler"), scheduler.state_dict(), path)
     scheduler.load_state_dict({**scheduler.state_dict(), **meta["scheduler"]})
+    if ema is not None:
+        saved = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
+        if saved:
+            ema.load_tensors(saved)
+        else:  # a state written before the EMA moved into it
+            ema.load(out)
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
     if restore_rng:
         set_rng_state(tensors, meta["rng"])
     return meta["progress"]
+
+
+def check_scheduler_state(saved, own: dict, path: Path) -> None:
+    """ValueError naming `path` and the field when the saved scheduler state is not an object of
+    the types the scheduler holds (a hand-edited or damaged training_state.json)."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: \"scheduler\" is {saved!r}, not an object; the training state is damaged, "
+                         "start again with --overwrite")
+    for key, value in saved.items():
+        if key not in own or own[key] is None:
+            continue
+        want = (int, float) if isinstance(own[key], (int, float)) and not isinstance(own[key], bool) else type(own[key])
+        if isinstance(value, bool) != isinstance(own[key], bool) or not isinstance(value, want):
+            raise ValueError(f"{path}: scheduler field {key!r} is {value!r}, expected a {type(own[key]).__name__}; "
+                             "the training state is damaged, start again with --overwrite")
+        if isinstance(value, list) and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               for v in value if v is not None):
+            raise ValueError(f"{path}: scheduler field {key!r} is {value!r}, expected a list of numbers; "
+                             "the training state is damaged, start again with --overwrite")

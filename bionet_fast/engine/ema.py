@@ -42,6 +42,14 @@ class ModelEma:
         state = {k: v.detach().contiguous().cpu() for k, v in self.averaged.state_dict().items()}
         return atomic_write(Path(folder) / EMA_WEIGHTS, lambda tmp: save_file(state, tmp))
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The averaged weights and n_averaged as CPU tensors (saved inside the training state)."""
+        return {k: v.detach().contiguous().cpu() for k, v in self.averaged.state_dict().items()}
+
+    def load_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        device = next(self.averaged.parameters()).device
+        self.averaged.load_state_dict({k: v.to(device) for k, v in state.items()})
+
     def load(self, folder: str | Path) -> bool:
         """Restore folder/ema.safetensors if present; returns whether it was."""
         path = Path(folder) / EMA_WEIGHTS

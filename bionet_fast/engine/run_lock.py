@@ -40,8 +40,9 @@ class RunLock:
     """``with RunLock(out):`` holds OUT/.lock; raises RunLocked naming the owner if another run has it.
     ``took_over`` is the pid of a dead run whose lock file was left behind (None otherwise)."""
 
-    def __init__(self, folder: str | Path):
-        self.path = Path(folder) / LOCK_NAME
+    def __init__(self, folder: str | Path, name: str = LOCK_NAME, what: str = "training run"):
+        self.path = Path(folder) / name
+        self.what = what
         self.fd: Optional[int] = None
         self.took_over: Optional[str] = None
 
@@ -62,7 +63,7 @@ class RunLock:
                 raise BlockingIOError
         except BlockingIOError:
             os.close(fd)
-            raise RunLocked(f"{self.path.parent} is in use by another training run (process "
+            raise RunLocked(f"{self.path.parent} is in use by another {self.what} (process "
                             f"{previous or '?'}); wait for it to finish, or choose another --out") from None
         self.fd = fd
         os.ftruncate(fd, 0)

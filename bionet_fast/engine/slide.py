@@ -127,24 +127,17 @@ class TiffReader:
         return seg
 
     def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
-        """A low-resolution (h, w, C) view and its downsample factor: the smallest pyramid level
-        of at least 256 px (or this level read with a stride, one row of segments at a time)."""
-        ref_w = self.shape[1]
-        for lv in range(len(self.level_shapes) - 1, -1, -1):
-            lh, lw = self.level_shapes[lv]
-            if max(lh, lw) >= 256 or lv == 0:
-                if max(lh, lw) <= 4 * max_side and lw <= ref_w:
-                    sub = TiffReader(self.path, level=lv)
-                    try:
-                        return sub.read(0, 0, lh, lw), ref_w / lw
-                    finally:
-                        sub.close()
-                break
-        step = max(1, -(-max(self.shape[:2]) // max_side))
-        band = step * -(-self._seg_h // step)  # a multiple of the step: every band starts in phase
-        rows = [self.read(y, 0, min(band, self.shape[0] - y), self.shape[1])[::step, ::step]
-                for y in range(0, self.shape[0], band)]
-        return np.concatenate(rows, axis=0), float(step)
+        """A low-resolution (h, w, C) view and its downsample factor: the coarsest pyramid level of
+        at least 256 px read with a stride, in bounded memory (engine.thumbnail)."""
+        from .thumbnail import coarse_level, strided_read
+
+        lv = coarse_level(self.level_shapes, self.shape[1])
+        sub = TiffReader(self.path, level=lv)
+        try:
+            thumb, step = strided_read(sub, max_side)
+        finally:
+            sub.close()
+        return thumb, self.shape[1] / sub.shape[1] * step
 
     def close(self) -> None:
         self._cache.clear()

@@ -25,6 +25,7 @@ from . import checkpoint_io as tio
 from .cuda_graph import GraphedTrainStep, GraphStepOptions, say_stderr
 from .divergence import Diverged, NonFiniteLoss, check_grads, check_model, check_value, output_guard  # noqa: F401
 from .finetune import FineTuning, run_inference_info
+from .train_notes import changed_accumulation_note
 from .inference import evaluate_loader, inference_window, pick_device
 from .instance_eval import object_meter
 from .train_config import TrainConfig
@@ -156,9 +157,9 @@ class Trainer:
 
     # -- persistence --
     def resume(self) -> None:
-        self.progress = tio.load_training_state(self.out, self.model, self.opt, self.sched, self.scaler)
-        if self.finetune.ema is not None:
-            self.finetune.ema.load(self.out)
+        self.progress = tio.load_training_state(self.out, self.model, self.opt, self.sched, self.scaler,
+                                                ema=self.finetune.ema)  # the EMA of the same generation
+        self._accumulation_changed()
         # --lr / --lr-decay given with --resume take effect: the restored scheduler holds the old base
         # rate. Same rates: the same float as the scheduler's own (base * lambda(step)), bit for bit.
         self.sched.base_lrs = [self.cfg.lr] * len(self.opt.param_groups)
@@ -168,6 +169,17 @@ class Trainer:
         self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
         self.saved = dict(self.progress)
         self.records = tio.truncate_metrics(self.out, self.progress["epoch"]) if self.main else []
+
+    def _accumulation_changed(self) -> None:
+        """A resume with another --grad-accum-steps: an unfinished cycle's gradients are dropped, said."""
+        saved = tio.read_json(self.out / tio.ARGS_JSON, "the run's options") if (self.out / tio.ARGS_JSON).is_file() else {}
+        old = int(saved.get("grad_accum_steps") or 1)
+        note = changed_accumulation_note(old, self.finetune.accum, self.progress["global_step"])
+        if note is None:
+            return
+        self.opt.zero_grad(set_to_none=True)
+        if self.main:
+            print(note, file=sys.stderr)
 
     def _buffers(self) -> dict[str, torch.Tensor]:
         return {n: b.detach().clone() for n, b in self.model.named_buffers()}
@@ -204,7 +216,8 @@ class Trainer:
             if self.finetune.ema is not None:
                 self.finetune.ema.save(self.out)
             tio.save_training_state(self.out, self.model, self.opt, self.sched, self.scaler, self.progress,
-                                    self._accumulated() if grads is None else grads)
+                                    self._accumulated() if grads is None else grads,
+                                    ema=None if self.finetune.ema is None else self.finetune.ema.state_tensors())
         finally:
             if current is not None:
                 self._swap_buffers(current)

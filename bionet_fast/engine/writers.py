@@ -24,12 +24,12 @@ import torch
 from PIL import Image
 
 from ..utils.files import atomic_write
+from .names import safe_name
 
 TILE = 256
 
 
-def _safe(name: str) -> str:
-    return name.replace("[", "_").replace("]", "")
+_safe = safe_name  # one rule for every writer and for predict's name checks (engine.names)
 
 
 def tiff_resolution(mpp: Optional[float]) -> dict:

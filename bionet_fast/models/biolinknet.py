@@ -24,6 +24,7 @@ from torch import nn
 
 from ..blocks.reference import batch_norm
 from .config import BACKENDS, JsonConfig
+from .config_checks import is_number, linknet_resources_error
 from .recurrence import RecurrentModel, ckpt
 
 ENCODER = (64, 128, 256, 512)  # channels of E1..E4 (ResNet-18 layer1..layer4)
@@ -58,7 +59,10 @@ class BiOLinkNetConfig(JsonConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(f"{name}={value!r}; it must be an integer >= 1")
-        if self.bn_momentum is not None and not 0.0 <= self.bn_momentum <= 1.0:
+        msg = linknet_resources_error(self.in_channels, self.classes, self.iterations)
+        if msg:
+            bad(msg)
+        if self.bn_momentum is not None and not (is_number(self.bn_momentum) and 0.0 <= self.bn_momentum <= 1.0):
             bad(f"bn_momentum={self.bn_momentum}; it must lie in [0, 1] (PyTorch convention; 0.1 as torchvision)")
         if not (isinstance(self.bn_eps, (int, float)) and self.bn_eps > 0):
             bad(f"bn_eps={self.bn_eps!r}; use a small positive number such as 1e-5")

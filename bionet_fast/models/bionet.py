@@ -177,6 +177,11 @@ class BiONet(RecurrentModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) -> logits (B, classes, H, W)."""
         self.check_input(x)
+        h, w = x.shape[-2:]
+        side = self.config.min_side
+        if h < side or w < side:  # reflect padding: too small to reflect at the deepest level
+            ph, pw = max(side - h, 0), max(side - w, 0)  # replicated edges, as tiling pads images
+            return self.forward(F.pad(x, (0, pw, 0, ph), mode="replicate"))[..., :h, :w]
         if self.training:  # the kernels update running statistics without bumping _version
             self.inference_cache.clear()
         ops = self._ops(x.device, x)

@@ -1,6 +1,6 @@
 """BiONetConfig: the constructor arguments of BiONet, as a JSON-serialisable dataclass.
 
-A leaf module: it imports nothing of bionet_fast.
+A leaf module: it imports nothing of bionet_fast outside models.config_checks (its bounds).
 """
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from .config_checks import bionet_resources_error, is_number, tile_error
 
 BACKENDS = ("auto", "reference", "triton")
 PADDING_MODES = ("zeros", "reflect", "replicate")
@@ -93,6 +95,13 @@ class BiONetConfig(JsonConfig):
         """Input height and width must be multiples of this: 2**(depth+1)."""
         return 2 ** (self.depth + 1)
 
+    @property
+    def min_side(self) -> int:
+        """The smallest input side the network computes as is: size_multiple, and twice that for
+        reflect padding (torch reflects at most side - 1 pixels: the deepest 1 x 1 feature map of
+        a size_multiple input cannot be reflect-padded). BiONet.forward pads smaller inputs up."""
+        return self.size_multiple * (2 if self.padding_mode == "reflect" else 1)
+
     def has_backward_skip(self, level: int) -> bool:
         """Whether encoder level ``level`` (0 = shallowest) concatenates a decoder feature."""
         return level >= self.depth - self.skips
@@ -106,16 +115,25 @@ class BiONetConfig(JsonConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(f"{name}={value!r}; it must be an integer >= 1")
-        if not (isinstance(self.multiplier, (int, float)) and self.multiplier > 0):
-            bad(f"multiplier={self.multiplier!r}; use a positive number such as 0.25, 0.5, 1.0")
+        if not (is_number(self.multiplier) and self.multiplier > 0):
+            bad(f"multiplier={self.multiplier!r}; use a positive finite number such as 0.25, 0.5, 1.0")
         if min(self.channels) < 1:
             bad(f"multiplier={self.multiplier} gives {self.channels[0]} channels at the first level; "
                 f"use multiplier >= {1 / 32}")
-        if self.backward_skips is not None and not 0 <= self.backward_skips <= self.depth:
+        msg = bionet_resources_error(self.in_channels, self.classes, self.multiplier, self.depth, self.iterations)
+        if msg:
+            bad(msg)
+        if not (is_number(self.bn_eps) and self.bn_eps > 0):
+            bad(f"bn_eps={self.bn_eps!r}; use a small positive number such as 1e-5")
+        for name in ("integrate", "checkpoint_iters", "checkpoint_stages"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name}={getattr(self, name)!r}; it must be true or false")
+        if self.backward_skips is not None and not (
+                isinstance(self.backward_skips, int) and 0 <= self.backward_skips <= self.depth):
             bad(f"backward_skips={self.backward_skips} with depth={self.depth}; use 0..{self.depth} "
                 "or None for a backward skip at every level")
         if self.bn_momentum is not None and not (
-                isinstance(self.bn_momentum, (int, float)) and 0.0 <= self.bn_momentum <= 1.0):
+                is_number(self.bn_momentum) and 0.0 <= self.bn_momentum <= 1.0):
             bad(f"bn_momentum={self.bn_momentum!r}; it must lie in [0, 1] (PyTorch convention), or be "
                 "None for a cumulative moving average")
         if self.checkpoint_segments is not None and not (
@@ -159,13 +177,21 @@ class InferenceInfo:
     mpp: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.value_range, (list, tuple)) or not all(is_number(v) for v in self.value_range):
+            raise ValueError(f"invalid inference info: value_range={self.value_range!r}; use [0.0, 1.0]")
+        if not is_number(self.threshold):
+            raise ValueError(f"invalid inference info: threshold={self.threshold!r}; use a number in (0, 1)")
+        if tile_error(self.tile_size):
+            raise ValueError(f"invalid inference info: {tile_error(self.tile_size)}")
+        if not isinstance(self.metrics, dict):
+            raise ValueError(f"invalid inference info: metrics={self.metrics!r}; use an object ({{}})")
         self.value_range = tuple(float(v) for v in self.value_range)
         if self.task not in TASKS:
             raise ValueError(f"invalid inference info: task={self.task!r}; choose one of {', '.join(TASKS)}")
         if self.task == "super-resolution" and self.sr_scale is None:
             self.sr_scale = 2
-        if self.sr_scale is not None and (not isinstance(self.sr_scale, int) or self.sr_scale < 1):
-            raise ValueError(f"invalid inference info: sr_scale={self.sr_scale!r}; use an integer >= 1")
+        if self.sr_scale is not None and (not isinstance(self.sr_scale, int) or not 1 <= self.sr_scale <= 64):
+            raise ValueError(f"invalid inference info: sr_scale={self.sr_scale!r}; use an integer in 1..64")
         if not 0.0 < float(self.threshold) < 1.0 or len(self.value_range) != 2:
             raise ValueError(f"invalid inference info: threshold={self.threshold!r} must lie in (0, 1) and "
                              f"value_range={self.value_range!r} must be [low, high]")

@@ -5,13 +5,12 @@ existed load as BiONet. A model class registers itself with `register_model`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .pretrained import CONFIG_NAME, HUB_OPTIONS, WEIGHTS_NAME, resolve_folder
+from .pretrained import CONFIG_NAME, HUB_OPTIONS, WEIGHTS_NAME, read_config_data, resolve_folder
 
 _MODELS: dict[str, type] = {}
 
@@ -47,11 +46,11 @@ def architecture_of(directory: str | Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: expected a folder written by "
                                 "save_pretrained or python -m bionet_fast.train --out")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the folder's config is damaged") from None
-    return data.get("architecture", "bionet")
+    data = read_config_data(directory)  # parsed and checked to be an object
+    arch = data.get("architecture", "bionet")
+    if not isinstance(arch, str):
+        raise ValueError(f"{path}: architecture={arch!r}; use one of {', '.join(available_models())}")
+    return arch
 
 
 def from_pretrained(directory: str | Path, **overrides: Any) -> nn.Module:

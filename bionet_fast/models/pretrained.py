@@ -76,9 +76,14 @@ def read_config_data(directory: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: expected a folder written by "
                                 "save_pretrained or python -m bionet_fast.train --out")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); the folder's config is damaged") from None
+    if not isinstance(data, dict):
+        kind = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(data), "null")
+        raise ValueError(f"{path} holds a JSON {kind}, not an object of model fields "
+                         "({\"architecture\": ..., \"in_channels\": ...}); the folder's config is damaged")
+    return data
 
 
 def read_config(directory: str | Path, config_cls=BiONetConfig, architecture: str = "bionet"):
@@ -95,13 +100,19 @@ def _split(data: dict, directory, config_cls, architecture: str, overrides: dict
         raise ValueError(f"{directory} holds a {found} checkpoint, not a {architecture}; load it with "
                          f"bionet_fast.from_pretrained({str(directory)!r}), which picks the class")
     block = data.pop(INFERENCE_KEY, None)
-    info = InferenceInfo.from_dict(block) if isinstance(block, dict) else None
+    try:  # types and bounds checked here, before any tensor exists (models.config_checks)
+        info = InferenceInfo.from_dict(block) if isinstance(block, dict) else None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{Path(directory) / CONFIG_NAME}, \"{INFERENCE_KEY}\": {err}") from None
     if data.get("backend") == "triton" and "backend" not in overrides and not torch.cuda.is_available():
         warnings.warn(f"{directory} was saved with backend='triton', which needs a CUDA GPU; this machine "
                       "has none, so the reference (PyTorch) backend runs it (same weights, same outputs)",
                       stacklevel=4)
         data["backend"] = "auto"
-    return config_cls.from_dict({**data, **overrides}), info
+    try:
+        return config_cls.from_dict({**data, **overrides}), info
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ValueError(f"{Path(directory) / CONFIG_NAME}: {err}") from None
 
 
 def load_pretrained(cls, directory: str | Path, weights_name: str = WEIGHTS_NAME, *,
@@ -121,11 +132,11 @@ def load_pretrained(cls, directory: str | Path, weights_name: str = WEIGHTS_NAME
     config_cls = getattr(cls, "config_class", BiONetConfig)
     config, info = _split(read_config_data(folder), directory, config_cls,
                           getattr(cls, "architecture", "bionet"), overrides)
-    model = cls.from_config(config)
     weights = folder / weights_name
-    if not weights.is_file():
+    if not weights.is_file():  # before the model is built: nothing is allocated for a missing file
         raise FileNotFoundError(f"no {weights_name} in {directory}; the folder holds "
                                 f"{sorted(p.name for p in folder.iterdir())}")
+    model = cls.from_config(config)
     try:
         state = load_file(str(weights), device=str(device))
     except Exception as err:  # SafetensorError / OSError do not name the file

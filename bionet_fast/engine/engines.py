@@ -112,15 +112,30 @@ def inference_setup(model: nn.Module, device: torch.device, engine: str = "auto"
 
 def _compiled_forward(model: nn.Module, engine: str, precision: str, threads: Optional[int]):
     """(forward, precision it computes in) of `engine` for `model`."""
+    side = getattr(model.config, "min_side", 0)
     if engine == "openvino":
         forward = openvino_engine.openvino_forward(model, precision, threads)
         if forward.precision != precision:
             print(f"note: OpenVINO runs {forward.precision} on this CPU (no native {precision})", file=sys.stderr)
-        return forward, forward.precision
+        return _padded_up(forward, side), forward.precision
     if precision != "fp32":
         print(f"note: onnxruntime runs fp32 on the CPU (no {precision} convolutions); --precision {precision} "
               "ignored", file=sys.stderr)
-    return OnnxRuntimeForward(model, threads), "fp32"
+    return _padded_up(OnnxRuntimeForward(model, threads), side), "fp32"
+
+
+def _padded_up(forward: Callable[[torch.Tensor], torch.Tensor], side: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`forward` with BiONet.forward's rule for inputs below the model's min_side (replicated edges
+    up to it, the output cropped back): that rule is Python control flow, which a converted graph
+    (traced at a larger size) does not hold."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h >= side and w >= side:
+            return forward(x)
+        padded = torch.nn.functional.pad(x, (0, max(side - w, 0), 0, max(side - h, 0)), mode="replicate")
+        return forward(padded)[..., :h, :w]
+
+    return run
 
 
 class OnnxRuntimeForward:

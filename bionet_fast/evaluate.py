@@ -25,7 +25,7 @@ from .utils.progress import tqdm
 from .engine.writers import write_outputs
 from .utils.files import write_json
 from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, check_multiple, check_numbers, check_writable,
-                   inference_options, model_threshold)
+                   inference_options, model_target, model_threshold)
 from .data import SegmentationDataset
 from .data.training import synthetic_heldout, uniform_sizes
 from .engine.cuda_graph import graphed_forward
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare_model(model, precision != "fp32")
     meters, loss_sum, n, _ = evaluate_loader(model, loader, task, device, tile, args.overlap, forward=forward,
                                              rand=rand, on_batch=saver, channels_last=precision != "fp32",
-                                             autocast=autocast_context(precision, device), threshold=threshold)
+                                             autocast=autocast_context(precision, device), threshold=threshold,
+                                             target=model_target(model))
     result = summarize(meters, loss_sum, n)
     result.update(checkpoint=str(args.checkpoint), data=str(args.data), task=task, precision=precision,
                   **({"threshold": threshold} if task == "segmentation" else {}))
@@ -128,7 +129,8 @@ def _dataset(args, model, task: str, scale: int):
         return ds, text, [f"synthetic{i:02d}" for i in range(len(ds))]
     ds = SegmentationDataset(args.data, args.data_format, in_channels=model.config.in_channels,
                              task=task, sr_scale=scale, train=False,
-                             classes=model.config.classes if task == "segmentation" else 1)
+                             classes=model.config.classes if task == "segmentation" and model_target(model) == "mask"
+                             else 1)
     return ds, ds.describe(), [ds.samples[i].name for i, _, _ in ds.items]
 
 

@@ -18,7 +18,8 @@ For each image NAME writes:
     NAME_mask.tif   uint8 mask as above
     NAME_prob.tif   uint16 probability (0..65535 = 0..1; float32 with --prob-format tiff), one grey
                     page per class
-  --instances       NAME_labels.tif: uint32 nuclei labels (connected components, holes filled)
+  --instances       NAME_labels.tif: uint32 nuclei labels (connected components, holes filled, touching
+                    nuclei separated: --split)
   --geojson         NAME.geojson: one polygon per nucleus (QuPath: drag and drop onto the image)
   --measurements    NAME_nuclei.csv: label, centroid, area, mean probability, bounding box
 Multi-page TIFF stacks give NAME_mask.tif (Z grey pages) / NAME_prob.tif (ImageJ ZCYX); a TIFF
@@ -40,12 +41,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._cli import AT_LEAST_1, FRACTION, PROBABILITY, check_numbers, inference_options, model_threshold
+from ._cli import AT_LEAST_1, FRACTION, PROBABILITY, check_numbers, inference_options, model_target, model_threshold
 from .data.readers import IMAGE_EXTS, TIFF_EXTS, match_channels, read_image, read_stack, to_float
 from .engine.cuda_graph import graphed_forward
 from .engine.inference import TASKS, infer, load_for_inference, window_predictor
 from .engine.precision import PRECISIONS, autocast_context, prepare_model, resolve_precision
 from .engine.slide import SLIDE_EXTS, file_mpp, open_slide
+from .engine.split import SPLITS, SplitOptions, resolve_split
 from .engine.streaming import StreamOptions
 from .engine.whole_slide import OutputOptions, expected_outputs, predict_image
 from .engine.writers import write_outputs, write_pages, write_stack
@@ -119,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", action="store_true", help="also write NAME_labels.tif (uint32 nuclei labels)")
     p.add_argument("--geojson", action="store_true", help="also write NAME.geojson (QuPath detections)")
     p.add_argument("--measurements", action="store_true", help="also write NAME_nuclei.csv")
+    p.add_argument("--split", choices=SPLITS, default="auto",
+                   help="separate touching nuclei in --instances / --geojson / --measurements: watershed (of the "
+                        "distance map), contour (from the interiors of a --target contour model), none (connected "
+                        "components); default auto: contour for contour models, else watershed")
     p.add_argument("--min-area", type=int, default=0, help="drop nuclei smaller than this many pixels")
     p.add_argument("--threshold", type=float,
                    help="nucleus where the probability exceeds this (default: the model's, from its config.json; 0.5)")
@@ -197,8 +203,10 @@ class _Job:
         self.stream = StreamOptions(tile, args.overlap, args.batch_size, tissue_only=args.tissue_only,
                                     progress=not args.no_progress)
         self.threshold = model_threshold(model, args.threshold)
+        target = model_target(model)
+        split = SplitOptions(resolve_split(args.split, target))
         self.outputs = OutputOptions(args.prob_format, args.instances, args.geojson, args.measurements, args.min_area,
-                                     self.threshold)
+                                     self.threshold, split, target)
         self.precision = precision
 
     def kind(self, path: Path) -> str:

@@ -336,7 +336,7 @@ class Trainer:
             meters, loss_sum, n, kept = evaluate_loader(
                 model, self.val_loader, a.task, self.device, inference_window(a) or 512,
                 keep=4 if self.main else 0,
-                rand=self.rand, autocast=self.autocast())
+                rand=self.rand, autocast=self.autocast(), target=a.target)
         finally:
             guard.remove()
         states = [torch.from_numpy(np.append(m.state(), [loss_sum, n])) for m in meters]

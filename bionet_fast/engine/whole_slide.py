@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .instances import InstanceWriter
+from .split import SplitOptions
 from .slide import ArrayReader
 from .streaming import StreamOptions, predict_blocks, tissue_mask
 from .writers import TiledTiffWriter, mask_of, prob_to_uint16, split_channels, write_outputs
@@ -35,6 +36,8 @@ class OutputOptions:
     measurements: bool = False
     min_area: int = 0
     threshold: float = 0.5  # nucleus where p > threshold (one class)
+    split: SplitOptions = SplitOptions("none")  # how touching nuclei are separated (engine.split)
+    target: str = "mask"  # the model's target: "mask" or "contour"
 
     @property
     def any_instances(self) -> bool:
@@ -95,7 +98,8 @@ class _Sinks:
         self.instances = None
         if opts.any_instances:
             self.instances = InstanceWriter(folder, name, shape, opts.instances, opts.geojson, opts.measurements,
-                                            opts.min_area, mpp, threshold=opts.threshold)
+                                            opts.min_area, mpp, threshold=opts.threshold, split=opts.split,
+                                            target=opts.target)
 
     def put(self, y: int, x: int, block: np.ndarray) -> None:
         """block (K, n, m): the finished output at rows y.., columns x.."""

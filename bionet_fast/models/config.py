@@ -145,6 +145,9 @@ class InferenceInfo:
     (their BatchNorm statistics hold at it), 512 or more for reflect-padded BiO-Nets (window-invariant);
     None = whole images. ``metrics``: a summary of the validation scores the trainer saw (may be empty).
     ``training_data``: a description of the training images (for the model card).
+    ``target``: "mask" (one nucleus class, or K label classes) or "contour" (3 classes: background,
+    interior, boundary; the nucleus is interior + boundary and touching nuclei are separated from
+    the interiors).
     """
 
     task: str = "segmentation"
@@ -154,6 +157,7 @@ class InferenceInfo:
     tile_size: Optional[int] = None
     metrics: dict = dataclasses.field(default_factory=dict)
     training_data: Optional[str] = None
+    target: str = "mask"
 
     def __post_init__(self) -> None:
         self.value_range = tuple(float(v) for v in self.value_range)
@@ -163,6 +167,8 @@ class InferenceInfo:
             self.sr_scale = 2
         if self.sr_scale is not None and (not isinstance(self.sr_scale, int) or self.sr_scale < 1):
             raise ValueError(f"invalid inference info: sr_scale={self.sr_scale!r}; use an integer >= 1")
+        if self.target not in ("mask", "contour"):
+            raise ValueError(f"invalid inference info: target={self.target!r}; choose mask or contour")
         if not 0.0 < float(self.threshold) < 1.0 or len(self.value_range) != 2:
             raise ValueError(f"invalid inference info: threshold={self.threshold!r} must lie in (0, 1) and "
                              f"value_range={self.value_range!r} must be [low, high]")

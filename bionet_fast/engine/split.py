@@ -45,12 +45,12 @@ class SplitOptions:
 def _libs():
     try:
         from scipy import ndimage
-        from skimage.morphology import h_maxima
+        from skimage.morphology import local_maxima, reconstruction
         from skimage.segmentation import watershed
     except ImportError as err:
         raise ValueError("splitting touching nuclei needs scipy and scikit-image: pip install "
                          "'bionet_fast[instances]' (or --split none)") from err
-    return ndimage, h_maxima, watershed
+    return ndimage, (reconstruction, local_maxima), watershed
 
 
 def resolve_split(split: str, target: str) -> str:
@@ -90,7 +90,7 @@ def split_component(obj: np.ndarray, opts: SplitOptions, seeds: Optional[np.ndar
     boundary probability (method "contour"). An object without two markers stays one."""
     if opts.method == "none":
         return obj.astype(np.int32), 1
-    nd, h_maxima, watershed = _libs()
+    nd, (reconstruction, local_maxima), watershed = _libs()
     if opts.method == "contour":
         markers, n = nd.label(seeds & obj)
         if n > 1 and opts.min_seed > 1:
@@ -108,7 +108,11 @@ def split_component(obj: np.ndarray, opts: SplitOptions, seeds: Optional[np.ndar
         dist = dist[1:-1, 1:-1]
         if obj.sum() < 2 * np.pi * opts.h ** 2:  # too small to hold two nuclei of radius > h
             return obj.astype(np.int32), 1
-        markers, n = nd.label(h_maxima(dist, opts.h) & obj)
+        # the h-dome tops: the distance reconstructed under itself lowered by h, whose regional
+        # maxima are one connected plateau per hill at least h high (skimage's h_maxima would
+        # give each equal-height pixel of a hill's top its own marker)
+        domes = reconstruction(dist - opts.h, dist, method="dilation")
+        markers, n = nd.label(local_maxima(domes, connectivity=2, allow_borders=True) & obj, np.ones((3, 3)))
         elevation = -dist
     if n < 2:
         return obj.astype(np.int32), 1

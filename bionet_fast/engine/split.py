@@ -37,7 +37,7 @@ class SplitOptions:
     """How components are split. Defaults chosen on synthetic touching nuclei (bench/objects_split.py)."""
 
     method: str = "watershed"  # "watershed", "contour" or "none" (resolved: never "auto")
-    h: float = 0.5  # watershed: a marker must rise this many pixels of distance above its saddle
+    h: float = 0.25  # watershed: a marker must rise this many pixels of distance above its saddle
     sigma: float = 1.0  # watershed: Gaussian smoothing of the distance map (pixels)
     min_seed: int = 3  # contour: interior components smaller than this many pixels are no seeds
 

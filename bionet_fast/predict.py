@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=SPLITS, default="auto",
                    help="separate touching nuclei in --instances / --geojson / --measurements: watershed (of the "
                         "distance map), contour (from the interiors of a --target contour model), none (connected "
-                        "components); default auto: contour for contour models, else watershed")
+                        "components); default auto: watershed")
     p.add_argument("--min-area", type=int, default=0, help="drop nuclei smaller than this many pixels")
     p.add_argument("--threshold", type=float,
                    help="nucleus where the probability exceeds this (default: the model's, from its config.json; 0.5)")

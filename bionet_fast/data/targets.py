@@ -14,15 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["TARGETS", "CONTOUR_CLASSES", "CONTOUR_WEIGHTS", "contour_target"]
+__all__ = ["TARGETS", "CONTOUR_CLASSES", "contour_target"]
 
 TARGETS = ("mask", "contour")
 CONTOUR_CLASSES = 3  # background, interior, boundary
-# Cross-entropy class weights of the contour target: the boundary is weighted so that it counts as
-# much as the interior in total (on the synthetic training data 8.8% of the pixels are interior,
-# 3.4% boundary: 8.8 / 3.4 = 2.6). Unweighted, a short run learns almost no boundary (0.2% of
-# the pixels predicted) and touching nuclei merge.
-CONTOUR_WEIGHTS = (1.0, 1.0, 2.5)
 
 
 def contour_target(labels: np.ndarray, width: int = 1) -> np.ndarray:

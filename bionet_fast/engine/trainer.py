@@ -9,7 +9,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -59,16 +58,14 @@ def set_batch_statistics(model: nn.Module, x: torch.Tensor) -> None:
             m.momentum = momentum
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor, task: str, weight: Optional[torch.Tensor] = None
-            ) -> torch.Tensor:
-    """BCE with logits (one class), cross-entropy on label maps (several; `weight`: per class, the
-    contour target's), MSE (super-resolution)."""
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, task: str) -> torch.Tensor:
+    """BCE with logits (one class), cross-entropy on label maps (several), MSE (super-resolution)."""
     logits = logits.float()
     if task == "super-resolution":
         return F.mse_loss(logits, target)
     if logits.shape[1] == 1:
         return F.binary_cross_entropy_with_logits(logits, target)
-    return F.cross_entropy(logits, target[:, 0].long(), weight=weight)
+    return F.cross_entropy(logits, target[:, 0].long())
 
 
 def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
@@ -125,15 +122,10 @@ class Trainer:
             # static_graph: the same parameters are used every step, but not all of them (without INT,
             # the last UP BatchNorm of the non-final iterations feeds nothing).
             self.net = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids, static_graph=True)
-        self.class_weight = None  # the contour target's cross-entropy class weights
-        if cfg.task == "segmentation" and cfg.target == "contour":
-            from ..data.targets import CONTOUR_WEIGHTS
-
-            self.class_weight = torch.tensor(CONTOUR_WEIGHTS, device=device)
         self.graph = None
         if cfg.cuda_graph:
             self.graph = GraphedTrainStep(self.net, self.opt,
-                                          lambda logits, y: loss_fn(logits, y, cfg.task, self.class_weight), device,
+                                          lambda logits, y: loss_fn(logits, y, cfg.task), device,
                                           GraphStepOptions.of(cfg, world),
                                           say=say_stderr if rank == 0 else None)
         self.augment = None
@@ -245,7 +237,7 @@ class Trainer:
         if graphed is None:
             with self.autocast():
                 logits = self.net(x)
-            loss = loss_fn(logits, y, a.task, self.class_weight)
+            loss = loss_fn(logits, y, a.task)
         if poison:
             loss = loss * float("nan")
         check = loss.detach().clone()

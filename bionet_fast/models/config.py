@@ -147,7 +147,7 @@ class InferenceInfo:
     ``training_data``: a description of the training images (for the model card).
     ``target``: "mask" (one nucleus class, or K label classes) or "contour" (3 classes: background,
     interior, boundary; the nucleus is interior + boundary and touching nuclei are separated from
-    the interiors).
+    the interiors; absent from config.json = "mask").
     """
 
     task: str = "segmentation"
@@ -176,6 +176,8 @@ class InferenceInfo:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["value_range"] = list(self.value_range)
+        if self.target == "mask":  # written only for contour models: config.json of mask models as before
+            del data["target"]
         return data
 
     @classmethod

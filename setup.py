@@ -12,7 +12,7 @@ from setuptools import setup
 TRAIN = ["matplotlib", "tqdm", "PyYAML"]
 HUB = ["huggingface_hub"]
 ONNX = ["onnx", "onnxruntime"]
-INSTANCES = ["scipy"]
+INSTANCES = ["scipy", "scikit-image"]
 
 setup(
     name="bionet_fast",
@@ -34,7 +34,7 @@ setup(
         "train": TRAIN,
         "hub": HUB,
         "onnx": ONNX,
-        # predict --instances / --geojson / --measurements
+        # predict --instances / --geojson / --measurements (scikit-image: the watershed split)
         "instances": INSTANCES,
         # SVS / NDPI / MRXS whole slides (TIFF, BigTIFF, OME-TIFF need only tifffile)
         "slides": ["tiffslide"],

@@ -47,7 +47,7 @@ from .engine.cuda_graph import graphed_forward
 from .engine.inference import TASKS, infer, load_for_inference, window_predictor
 from .engine.precision import PRECISIONS, autocast_context, prepare_model, resolve_precision
 from .engine.slide import SLIDE_EXTS, file_mpp, open_slide
-from .engine.split import SPLITS, SplitOptions, resolve_split
+from .engine.split import SPLITS, SplitOptions, require_split_libs, resolve_split
 from .engine.streaming import StreamOptions
 from .engine.whole_slide import OutputOptions, expected_outputs, predict_image
 from .engine.writers import write_outputs, write_pages, write_stack
@@ -205,6 +205,8 @@ class _Job:
         self.threshold = model_threshold(model, args.threshold)
         target = model_target(model)
         split = SplitOptions(resolve_split(args.split, target))
+        if args.instances or args.geojson or args.measurements:
+            require_split_libs(split)  # a missing scikit-image named before any image is read
         self.outputs = OutputOptions(args.prob_format, args.instances, args.geojson, args.measurements, args.min_area,
                                      self.threshold, split, target)
         self.precision = precision

@@ -23,8 +23,10 @@ CONTOUR_CLASSES = 3  # background, interior, boundary
 def contour_target(labels: np.ndarray, width: int = 1) -> np.ndarray:
     """Instance labels (H, W) integer, 0 = background -> uint8 (H, W) class map: 0 background,
     1 interior, 2 boundary (see the module docstring)."""
-    from scipy import ndimage
-
+    try:
+        from scipy import ndimage
+    except ImportError as err:
+        raise ValueError("the contour target needs scipy: pip install scipy (or use --target mask)") from err
     if labels.ndim != 2:
         raise ValueError(f"contour_target needs one (H, W) label image, got shape {labels.shape}")
     if width < 1:

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from ..utils.files import commit, temp_beside
-from .split import SplitOptions, decode_probs, split_component
+from .split import SplitOptions, decode_probs, require_split_libs, split_component
 from .writers import TiledTiffWriter
 
 __all__ = ["InstanceWriter", "trace_outline", "CSV_COLUMNS"]
@@ -111,6 +111,7 @@ class InstanceWriter:
         self.threshold, self.split, self.target = threshold, split, target
         if split.method == "contour" and target != "contour":
             raise ValueError("the contour split needs a contour model's (K = 3) probabilities")
+        require_split_libs(split)  # before any file is opened
         self.h, self.w = shape
         self.min_area, self.mpp, self.max_carry = min_area, mpp, max_carry
         self.labels = TiledTiffWriter(folder / f"{name}_labels.tif", shape, np.uint32, mpp) if labels else None

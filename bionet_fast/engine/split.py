@@ -27,7 +27,8 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["SPLITS", "SplitOptions", "split_component", "resolve_split", "label_image", "decode_probs"]
+__all__ = ["SPLITS", "SplitOptions", "split_component", "resolve_split", "label_image", "decode_probs",
+           "require_split_libs"]
 
 SPLITS = ("auto", "watershed", "contour", "none")
 
@@ -40,6 +41,12 @@ class SplitOptions:
     h: float = 0.25  # watershed: a marker must rise this many pixels of distance above its saddle
     sigma: float = 1.0  # watershed: Gaussian smoothing of the distance map (pixels)
     min_seed: int = 3  # contour: interior components smaller than this many pixels are no seeds
+
+
+def require_split_libs(opts: SplitOptions) -> None:
+    """Raise the ValueError naming the extra now, before any work, when `opts` needs a missing library."""
+    if opts.method != "none":
+        _libs()
 
 
 def _libs():

@@ -4,7 +4,7 @@ Two ways, chosen by ``--split`` (default "auto" = "watershed" for every model: m
 than the contour decoding also on contour models, see docs/objects.md):
 
 - "watershed": a marker-controlled watershed of the component's Euclidean distance transform.
-  Markers are the h-maxima of the (slightly smoothed) distance: a nucleus is a hill of the
+  Markers are the h-dome tops of the (slightly smoothed) distance: a nucleus is a hill of the
   distance map, and two touching nuclei are two hills joined by a saddle (the neck). A hill
   counts as its own nucleus when it rises more than ``h`` pixels above the saddle that joins it
   to a higher one, so a neck must be at least ``h`` pixels narrower than the smaller nucleus'
@@ -113,8 +113,6 @@ def split_component(obj: np.ndarray, opts: SplitOptions, seeds: Optional[np.ndar
         if opts.sigma > 0:
             dist = nd.gaussian_filter(dist, opts.sigma)
         dist = dist[1:-1, 1:-1]
-        if obj.sum() < 2 * np.pi * opts.h ** 2:  # too small to hold two nuclei of radius > h
-            return obj.astype(np.int32), 1
         # the h-dome tops: the distance reconstructed under itself lowered by h, whose regional
         # maxima are one connected plateau per hill at least h high (skimage's h_maxima would
         # give each equal-height pixel of a hill's top its own marker)

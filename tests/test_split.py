@@ -98,29 +98,38 @@ def _slide_prob() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("band", [7, 48, 200])
-def test_streaming_split_is_the_same_for_any_band_height(tmp_path, band):
+@pytest.mark.parametrize("method", ["watershed", "contour"])
+def test_streaming_split_is_the_same_for_any_band_height(tmp_path, band, method):
     prob, truth = _slide_prob()
-    w = InstanceWriter(tmp_path, f"b{band}", (H, W), geojson=True, split=WS)
+    target = "contour" if method == "contour" else "mask"
+    if method == "contour":  # a perfect contour model's output
+        t = contour_target(truth)
+        prob = np.stack([t == 0, t == 1, t == 2]).astype(np.float32) * 0.8 + 0.2 / 3
+    else:
+        prob = prob[None]
+    opts = SplitOptions(method)
+    w = InstanceWriter(tmp_path, f"b{band}", (H, W), geojson=True, split=opts, target=target)
     for y in range(0, H, band):
-        w.put(prob[None, y:y + band])
+        w.put(prob[:, y:y + band])
     w.close()
     labels = tifffile.imread(tmp_path / f"b{band}_labels.tif").astype(np.int32)
     assert labels.max() == len(PAIRS) * 2 + len(SINGLES)
-    assert _same_partition(labels, label_image(prob[None], 0.5, opts=WS))
+    assert _same_partition(labels, label_image(prob, 0.5, target, opts))
     for i in range(1, truth.max() + 1):  # every disc is (mostly) one object, and no object spans two
         assert np.bincount(labels[truth == i]).max() >= 0.85 * (truth == i).sum()
     geo = json.loads((tmp_path / f"b{band}.geojson").read_text())
     assert len(geo["features"]) == labels.max()
 
 
-def test_split_through_the_window_predictor_keeps_border_nuclei_whole(tmp_path):
-    """The image is the probability (a pointwise model): windows of 64 at stride 48 and the
-    output's row bands cut every pair, which must still come out as its two discs."""
+@pytest.mark.parametrize("window", [32, 64])
+def test_split_through_the_window_predictor_keeps_border_nuclei_whole(tmp_path, window):
+    """The image is the probability (a pointwise model): windows of 32 / 64 and the output's row
+    bands cut every pair, which must still come out as its two discs."""
     prob, truth = _slide_prob()
     tifffile.imwrite(tmp_path / "p.tif", (prob * 255).round().astype(np.uint8), tile=(32, 32))
     reader = TiffReader(tmp_path / "p.tif")
     out = tmp_path / "out"
-    predict_image(reader, lambda x: x, 1, 1, 16, StreamOptions(64, 0.25, 4, progress=False),
+    predict_image(reader, lambda x: x, 1, 1, 16, StreamOptions(window, 0.25, 4, progress=False),
                   OutputOptions("tiff", True, split=WS), out, "p", torch.device("cpu"))
     reader.close()
     labels = tifffile.imread(out / "p_labels.tif").astype(np.int32)

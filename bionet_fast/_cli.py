@@ -31,6 +31,12 @@ WINDOW = (lambda v: 1 <= v <= MAX_TILE, f"at least 1 and at most {MAX_TILE} (a w
 PROBABILITY = (lambda v: _finite(v) and 0 < v < 1, "a probability in (0, 1), e.g. 0.5")
 
 
+def model_target(model) -> str:
+    """The model's training target from its "inference" block: "mask" (default) or "contour"."""
+    info = getattr(model, "inference_info", None)
+    return getattr(info, "target", "mask") if info is not None else "mask"
+
+
 def model_threshold(model, given=None) -> float:
     """The mask threshold: `given` (a --threshold flag), else the model's stored one, else 0.5."""
     info = getattr(model, "inference_info", None)

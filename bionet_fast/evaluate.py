@@ -38,7 +38,7 @@ from .utils.progress import tqdm
 from .engine.writers import write_outputs
 from .utils.files import atomic_write, write_json
 from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, WINDOW, add_engine_arguments, check_multiple,
-                   check_numbers, check_writable, inference_options, model_threshold)
+                   check_numbers, check_writable, inference_options, model_target, model_threshold)
 from .data import SegmentationDataset
 from .data.training import synthetic_heldout, uniform_sizes
 from .engine.engines import inference_setup
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if task == "segmentation" else None
     meters, loss_sum, n, _ = evaluate_loader(model, loader, task, device, tile, args.overlap, forward=setup.forward,
                                              rand=rand, on_batch=saver, channels_last=setup.channels_last,
-                                             autocast=setup.autocast, threshold=threshold, objects=objects)
+                                             autocast=setup.autocast, threshold=threshold, objects=objects,
+                                             target=model_target(model))
     result = summarize(meters, loss_sum, n)
     result.update(checkpoint=str(args.checkpoint), data=str(args.data), task=task, precision=setup.precision,
                   engine=setup.engine, **({"threshold": threshold} if task == "segmentation" else {}))
@@ -147,7 +148,8 @@ def _dataset(args, model, task: str, scale: int):
         return ds, text, [f"synthetic{i:02d}" for i in range(len(ds))]
     ds = SegmentationDataset(args.data, args.data_format, in_channels=model.config.in_channels,
                              task=task, sr_scale=scale, train=False, return_instances=True,
-                             classes=model.config.classes if task == "segmentation" else 1)
+                             classes=model.config.classes if task == "segmentation" and model_target(model) == "mask"
+                             else 1)
     return ds, ds.describe(), [ds.samples[i].name for i, _, _ in ds.items]
 
 

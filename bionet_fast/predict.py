@@ -18,8 +18,8 @@ For each image NAME writes:
     NAME_mask.tif   uint8 mask as above
     NAME_prob.tif   uint16 probability (0..65535 = 0..1; float32 with --prob-format tiff), one grey
                     page per class
-  --instances       NAME_labels.tif: nuclei labels (connected components, holes filled), uint16
-                    below 65,536 nuclei, else uint32
+  --instances       NAME_labels.tif: nuclei labels (holes filled, touching nuclei separated: --split),
+                    uint16 below 65,536 nuclei, else uint32
   --geojson         NAME.geojson: one polygon per nucleus with QuPath's measurement names and, for
                     K classes, a classification (QuPath: drag and drop onto the image)
   --measurements    NAME_nuclei.csv: label, centroid, area, regionprops shape and intensity columns
@@ -53,13 +53,14 @@ import torch
 import torch.nn.functional as F
 
 from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, WINDOW, add_engine_arguments, check_numbers, check_writable,
-                   inference_options, model_threshold)
+                   inference_options, model_target, model_threshold)
 from .data.readers import IMAGE_EXTS, TIFF_EXTS, match_channels, read_image, read_stack, to_float
 from .engine.engines import inference_setup
 from .engine.inference import TASKS, infer, load_for_inference, window_predictor
 from .engine.pixel_size import min_area_pixels, open_for_prediction, parse_min_area
 from .engine.precision import PRECISIONS
 from .engine.slide import SLIDE_EXTS, file_mpp
+from .engine.split import SPLITS, SplitOptions, require_split_libs, resolve_split
 from .engine.streaming import StreamOptions
 from .engine.names import safe_name
 from .engine.predict_batch import (BatchReport, ImageClaim, check_tiff, drop_earlier_outputs, folder_error,
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-area", metavar="AREA",
                    help="drop nuclei smaller than this: 10um2, 15px, or a number (um2 where the pixel size "
                         "is known, else level-0 pixels); default 10um2, or 15px without a pixel size")
+    p.add_argument("--split", choices=SPLITS, default="auto",
+                   help="separate touching nuclei in --instances / --geojson / --measurements: watershed (of the "
+                        "distance map), contour (from the interiors of a --target contour model), none (connected "
+                        "components); default auto: watershed")
     p.add_argument("--threshold", type=float,
                    help="nucleus where the probability exceeds this (default: the model's, from its config.json; 0.5)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
@@ -222,8 +227,12 @@ class _Job:
         self.stream = StreamOptions(tile, args.overlap, args.batch_size, tissue_only=args.tissue_only,
                                     progress=not args.no_progress)
         self.threshold = model_threshold(model, args.threshold)
+        target = model_target(model)
+        split = SplitOptions(resolve_split(args.split, target))
+        if args.instances or args.geojson or args.measurements or args.rois:
+            require_split_libs(split)  # a missing scikit-image named before any image is read
         self.outputs = OutputOptions(args.prob_format, args.instances, args.geojson, args.measurements, 0,
-                                     self.threshold, args.rois, class_names(model))
+                                     self.threshold, args.rois, class_names(model, target), split, target)
         info = getattr(model, "inference_info", None)
         self.mpp = args.mpp or getattr(info, "mpp", None)  # predict at the training data's pixel size
         self.precision, self.setup = setup.precision, setup
@@ -284,9 +293,10 @@ class _Job:
                      channels_last=self.channels_last, out_device="cpu", forward=self.forward)
 
 
-def class_names(model) -> list[str] | None:
-    """Names of the classes 0..K-1 of a K-class model (a classification per nucleus), or None."""
-    k = model.config.classes
+def class_names(model, target: str = "mask") -> list[str] | None:
+    """Names of the classes 0..K-1 of a K-class model (a classification per nucleus), or None (one
+    class, or a contour model, whose 3 channels are parts of a nucleus, not kinds of them)."""
+    k = model.config.classes if target == "mask" else 1
     return ["Background"] + [f"Class {i}" for i in range(1, k)] if k > 1 else None
 
 

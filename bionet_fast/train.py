@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bn-momentum", type=float, help="BatchNorm momentum, PyTorch convention (default 0.01; 0.1 for "
                                         "biolinknet, as torchvision's ResNet)")
     a("--task", choices=("segmentation", "super-resolution"), default="segmentation")
+    a("--target", choices=("mask", "contour"), default="mask",
+      help="segmentation target: mask (nucleus / background, default) or contour: background / interior / "
+           "boundary from instance labels (DCAN-style; 3 classes; predict separates touching nuclei from the "
+           "interiors)")
     a("--sr-scale", type=int, default=2, choices=(2, 4), help="super-resolution factor (default 2)")
     a("--checkpoint-iters", action="store_true",
       help="recompute each iteration in the backward pass: much less memory, about 30%% slower")
@@ -257,8 +261,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in table.items():
         if getattr(args, key, None) is None and not (args.arch != "bionet" and key in BIONET_ONLY):
             setattr(args, key, value)
+    if args.target == "contour" and (args.task != "segmentation" or args.classes not in (None, 3)):
+        raise ValueError("--target contour trains 3 classes (background, interior, boundary) for segmentation: "
+                         "drop --classes / --task super-resolution")
     if args.classes is None:
-        args.classes = args.in_channels if args.task == "super-resolution" else 1
+        args.classes = 3 if args.target == "contour" else args.in_channels if args.task == "super-resolution" else 1
     if args.out is None:
         args.out = f"runs/{args.arch}-t{args.t}" + ("-sr" if args.task == "super-resolution" else "")
     check_numbers(args, NUMBERS)

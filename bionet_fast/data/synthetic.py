@@ -9,7 +9,10 @@ about 2-12 px, independent of ``size``: the magnification is fixed, so larger im
 nuclei), orientation, perturbed boundaries (low harmonics of the polar radius), clusters of
 touching and overlapping nuclei, chromatin speckle and pale (vesicular) centres. Red blood
 cells (eosin-dense discs) are distractors that are not in the mask. Stain vectors, stain
-strength, blur and noise vary per image.
+strength, blur and noise vary per image. ``instances=True`` returns instance labels instead of the
+mask (where nuclei overlap, a pixel belongs to the nucleus whose centre it is relatively nearest:
+the smallest normalised radius ``rho / boundary``); ``density`` and ``children`` make crowded,
+clustered fields (the defaults are the training data).
 
 A leaf module: numpy and torch only. Rendering is vectorised over chunks of images (each chunk
 has its own seeded generator, so the first k images do not depend on ``n``).
@@ -32,41 +35,48 @@ _WIN = int(np.ceil(_MAX_AXIS * 1.35)) + 2  # half-width of each nucleus' drawing
 
 
 def make_synthetic_nuclei(
-    n: int, size: int = 128, seed: int = 0, channels: int = 3, instances: bool = False
+    n: int, size: int = 128, seed: int = 0, channels: int = 3, instances: bool = False,
+    density: float = 1.0, children: float = 0.6,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render ``n`` H&E-like images and their nucleus masks.
 
     Returns ``images`` uint8 (n, size, size, channels) (channels 3: RGB, 1: luminance) and
-    ``masks`` uint8 (n, size, size) in {0, 1}. Deterministic for a given ``seed``; image ``i``
-    is the same for every ``n > i``. With ``instances`` the masks are int32 instance labels
-    instead (0 background, nuclei 1..N of each image; labels > 0 is the binary mask exactly): where
-    nuclei overlap, a pixel belongs to the one it lies deepest inside (the smallest radius relative
-    to that nucleus' boundary). The images are the same either way.
+    ``masks`` uint8 (n, size, size) in {0, 1}, or with ``instances`` int32 instance labels
+    (n, size, size), 0 = background, 1..m per image (``labels > 0`` is the mask). ``density``
+    multiplies the number of freely placed nuclei, ``children`` is the mean number of nuclei
+    attached to (touching or overlapping) each of them (defaults 1.0 and 0.6: the training data).
+    Deterministic for a given ``seed``; image ``i`` is the same for every ``n > i``.
     """
     if n < 0 or size < 8:
         raise ValueError(f"need n >= 0 and size >= 8, got n={n}, size={size}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (gray) or 3 (RGB), got {channels}")
+    if density <= 0 or children < 0:
+        raise ValueError(f"need density > 0 and children >= 0, got {density}, {children}")
     seed = int(seed) & (2**64 - 1)  # numpy seeds must be >= 0; negative ones wrap
-    chunks = [_render_chunk(np.random.default_rng([seed, c]), size, instances) for c in range(-(-n // _CHUNK))]
+    chunks = [_render_chunk(np.random.default_rng([seed, c]), size, density, children)
+              for c in range(-(-n // _CHUNK))]
     if not chunks:
         return (np.zeros((0, size, size, channels), np.uint8),
                 np.zeros((0, size, size), np.int32 if instances else np.uint8))
     rgb = np.concatenate([c[0] for c in chunks])[:n]
-    masks = np.concatenate([c[1] for c in chunks])[:n]
+    labels = np.concatenate([c[1] for c in chunks])[:n]
     if channels == 1:
         rgb = np.clip(np.rint(rgb @ _LUMA), 0, 255).astype(np.uint8)[..., None]
-    return rgb, masks if instances else masks.astype(np.uint8)
+    if not instances:
+        return rgb, (labels > 0).astype(np.uint8)
+    for i in range(len(labels)):  # ids 1..m within each image, in drawing order
+        ids, inv = np.unique(labels[i], return_inverse=True)
+        labels[i] = inv.reshape(labels[i].shape) if ids[0] == 0 else inv.reshape(labels[i].shape) + 1
+    return rgb, labels
 
 
-def _render_chunk(rng: np.random.Generator, size: int, instances: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Render ``_CHUNK`` images: uint8 RGB (B, S, S, 3) and bool masks (B, S, S) (int32 instance
-    labels with ``instances``)."""
+def _render_chunk(rng: np.random.Generator, size: int, density: float = 1.0,
+                  children: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
+    """Render ``_CHUNK`` images: uint8 RGB (B, S, S, 3) and int32 nucleus ids (B, S, S), 0 = none."""
     b = _CHUNK
-    nuclei = _sample_nuclei(rng, b, size)
+    nuclei = _sample_nuclei(rng, b, size, density, children)
     h_nuc, masks = _rasterize(nuclei, b, size)
-    if instances:
-        masks = _instance_labels(nuclei, b, size)
     rbc = _sample_rbc(rng, b, size)
     e_rbc, _ = _rasterize(rbc, b, size)
 
@@ -87,17 +97,19 @@ def _render_chunk(rng: np.random.Generator, size: int, instances: bool = False) 
     return _to_rgb(rng, h, e).astype(np.uint8), masks
 
 
-def _sample_nuclei(rng: np.random.Generator, b: int, size: int) -> dict[str, np.ndarray]:
+def _sample_nuclei(rng: np.random.Generator, b: int, size: int, density: float = 1.0,
+                   children: float = 0.6) -> dict[str, np.ndarray]:
     """Nucleus parameters, one row per nucleus: image id, centre, semi-axes, angle, shape, stain.
 
-    Half of each image's nuclei ("seeds") are placed uniformly; the others are attached to a
-    random seed of the same image at about the sum of their radii, which makes clusters of
-    touching and overlapping nuclei.
+    Some of each image's nuclei ("seeds") are placed uniformly; the others (``children`` per seed
+    on average) are attached to a random seed of the same image at about the sum of
+    their radii, which makes clusters of touching and overlapping nuclei.
     """
-    area = (size / 128.0) ** 2
+    area = (size / 128.0) ** 2 * density
     counts = rng.poisson(rng.uniform(8.0, 20.0, b) * area)
     seeds = np.repeat(np.arange(b), counts)
-    children = np.repeat(np.arange(b), rng.binomial(counts, 0.6))
+    k = max(int(np.ceil(children)), 1)  # k = 1 for the default 0.6: the same draws as always
+    children = np.repeat(np.arange(b), rng.binomial(counts * k, children / k))
     img = np.concatenate([seeds, children])
     n_seed, n = len(seeds), len(seeds) + len(children)
 
@@ -132,7 +144,8 @@ def _sample_rbc(rng: np.random.Generator, b: int, size: int) -> dict[str, np.nda
 
 
 def _rasterize(obj: dict[str, np.ndarray], b: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw perturbed ellipses into (B, S, S) stain maps; returns (stain, bool mask).
+    """Draw perturbed ellipses into (B, S, S) stain maps; returns (stain, int32 object ids: 1 + the
+    object's row in ``obj``, 0 outside every object).
 
     Each object is evaluated in a fixed (2W+1)^2 window around its centre, all objects at once.
     The boundary is ``rho = 1 + Re(sum_k c_k z^k)`` in ellipse-normalised polar coordinates
@@ -142,51 +155,6 @@ def _rasterize(obj: dict[str, np.ndarray], b: int, size: int) -> tuple[np.ndarra
     off = np.arange(-_WIN, _WIN + 1, dtype=np.float32)
     px = np.floor(obj["cx"])[:, None, None] + off[None, None, :]  # (N, 1, 2W+1)
     py = np.floor(obj["cy"])[:, None, None] + off[None, :, None]  # (N, 2W+1, 1)
-    rho, boundary = _polar(obj, px, py)
-    scale = np.sqrt(obj["a"] * obj["b"])[:, None, None]  # pixels per normalised radius unit
-    cover = np.clip((boundary - rho) * scale + 0.5, 0.0, 1.0)
-    profile = 1.0 - obj["pale"][:, None, None] * (1.0 - np.minimum(rho / boundary, 1.0) ** 2)
-    weight = cover * profile * obj["stain"][:, None, None]
-    valid = (px >= 0) & (px < size) & (py >= 0) & (py < size) & (cover > 0)
-    flat = (obj["img"][:, None, None] * size + py) * size + px
-    flat = np.broadcast_to(flat, valid.shape)[valid].astype(np.int64)
-    n_px = b * size * size
-    stain = np.bincount(flat, weights=weight[valid], minlength=n_px)
-    inside = np.bincount(flat, weights=(rho < boundary)[valid], minlength=n_px) > 0
-    return stain.reshape(b, size, size), inside.reshape(b, size, size)
-
-
-def _instance_labels(obj: dict[str, np.ndarray], b: int, size: int) -> np.ndarray:
-    """int32 (B, S, S) labels of the objects :func:`_rasterize` draws (same inside test): object k
-    of an image (in sampling order) is id k; an overlapped pixel goes to the object with the smallest
-    rho / boundary there."""
-    flat, depth, index = _inside_pixels(obj, size)
-    order = np.lexsort((depth, flat))
-    first = order[np.r_[True, flat[order][1:] != flat[order][:-1]]] if len(order) else order
-    img = obj["img"]
-    by_image = np.argsort(img, kind="stable")
-    local = np.empty(len(img), np.int32)  # 1-based rank of each object within its image
-    starts = np.searchsorted(img[by_image], img[by_image])
-    local[by_image] = np.arange(len(img)) - starts + 1
-    labels = np.zeros(b * size * size, np.int32)
-    labels[flat[first]] = local[index[first]]
-    return labels.reshape(b, size, size)
-
-
-def _inside_pixels(obj: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(flat pixel index, rho / boundary, object index) of every (object, pixel) inside pair."""
-    off = np.arange(-_WIN, _WIN + 1, dtype=np.float32)
-    px = np.floor(obj["cx"])[:, None, None] + off[None, None, :]
-    py = np.floor(obj["cy"])[:, None, None] + off[None, :, None]
-    rho, boundary = _polar(obj, px, py)
-    inside = (px >= 0) & (px < size) & (py >= 0) & (py < size) & (rho < boundary)
-    flat = np.broadcast_to((obj["img"][:, None, None] * size + py) * size + px, inside.shape)
-    index = np.broadcast_to(np.arange(len(obj["img"]))[:, None, None], inside.shape)
-    return flat[inside].astype(np.int64), (rho / boundary)[inside], index[inside]
-
-
-def _polar(obj: dict[str, np.ndarray], px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ellipse-normalised radius rho of pixels (px, py) and the perturbed boundary there."""
     dx, dy = px - obj["cx"][:, None, None], py - obj["cy"][:, None, None]
     cos, sin = np.cos(obj["theta"])[:, None, None], np.sin(obj["theta"])[:, None, None]
     un = (dx * cos + dy * sin) / obj["a"][:, None, None]
@@ -197,7 +165,27 @@ def _polar(obj: dict[str, np.ndarray], px: np.ndarray, py: np.ndarray) -> tuple[
     for k in range(4):
         pert = pert + (obj["harmonics"][:, k, None, None] * zk).real
         zk = zk * z
-    return rho, 1.0 + pert
+    boundary = 1.0 + pert
+    scale = np.sqrt(obj["a"] * obj["b"])[:, None, None]  # pixels per normalised radius unit
+    cover = np.clip((boundary - rho) * scale + 0.5, 0.0, 1.0)
+    profile = 1.0 - obj["pale"][:, None, None] * (1.0 - np.minimum(rho / boundary, 1.0) ** 2)
+    weight = cover * profile * obj["stain"][:, None, None]
+    valid = (px >= 0) & (px < size) & (py >= 0) & (py < size) & (cover > 0)
+    flat = (obj["img"][:, None, None] * size + py) * size + px
+    flat = np.broadcast_to(flat, valid.shape)[valid].astype(np.int64)
+    n_px = b * size * size
+    stain = np.bincount(flat, weights=weight[valid], minlength=n_px)
+    # Instance ids: where objects overlap, the one with the smallest rho / boundary wins.
+    inside = (rho < boundary)[valid]
+    depth = (rho / boundary)[valid][inside]
+    obj_id = np.broadcast_to(np.arange(1, len(rho) + 1)[:, None, None], valid.shape)[valid][inside]
+    where = flat[inside]
+    order = np.lexsort((depth, where))
+    first = np.ones(len(order), bool)
+    first[1:] = where[order][1:] != where[order][:-1]
+    ids = np.zeros(n_px, np.int32)
+    ids[where[order][first]] = obj_id[order][first]
+    return stain.reshape(b, size, size), ids.reshape(b, size, size)
 
 
 def _smooth_noise(rng: np.random.Generator, b: int, size: int, grid: int) -> np.ndarray:
@@ -250,15 +238,23 @@ class SyntheticNucleiDataset(Dataset):
     """In-memory synthetic nuclei data set (see :func:`make_synthetic_nuclei`).
 
     Item ``i`` is ``(image, mask)``: image float32 (C, S, S) in [0, 1], mask float32 (1, S, S)
-    in {0, 1}; with ``instances`` ``(image, mask, labels)``, labels int32 (S, S), one id per
+    in {0, 1} (``target="contour"``: in {0, 1, 2}, background / interior / boundary, see
+    data.targets); with ``instances`` ``(image, mask, labels)``, labels int32 (S, S), one id per
     nucleus (for the object metrics). Use different seeds for the training and the held-out split.
     """
 
-    def __init__(self, n: int, size: int = 128, seed: int = 0, channels: int = 3, instances: bool = False):
-        images, masks = make_synthetic_nuclei(n, size=size, seed=seed, channels=channels, instances=instances)
+    def __init__(self, n: int, size: int = 128, seed: int = 0, channels: int = 3, instances: bool = False,
+                 target: str = "mask"):
+        images, labels = make_synthetic_nuclei(n, size=size, seed=seed, channels=channels, instances=True)
+        if target == "contour":  # class maps: 0 background, 1 interior, 2 boundary
+            from .targets import contour_target
+
+            masks = np.stack([contour_target(m) for m in labels]) if len(labels) else np.zeros(labels.shape, np.uint8)
+        else:
+            masks = (labels > 0).astype(np.uint8)
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, C, S, S)
-        self.labels = torch.from_numpy(masks) if instances else None  # int32 (N, S, S)
-        self.masks = torch.from_numpy(masks > 0 if instances else masks).to(torch.uint8)[:, None]  # (N, 1, S, S)
+        self.masks = torch.from_numpy(masks)[:, None]  # uint8 (N, 1, S, S)
+        self.labels = torch.from_numpy(labels) if instances else None  # int32 (N, S, S)
         self.size, self.seed, self.channels, self.has_instances = size, seed, channels, instances
 
     def __len__(self) -> int:

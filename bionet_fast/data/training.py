@@ -89,6 +89,7 @@ class DataConfig:
     n_train: Optional[int] = 512
     n_val: Optional[int] = 48
     classes: int = 1  # > 1: masks are label maps of this many classes
+    target: str = "mask"  # "contour": background / interior / boundary classes from instance labels
 
     @property
     def synthetic(self) -> bool:
@@ -118,11 +119,15 @@ def build_data(cfg: DataConfig) -> tuple[Dataset, Dataset, str, str]:
         from .synthetic import SyntheticNucleiDataset
 
         size = max(128, cfg.image_size)
-        base = SyntheticNucleiDataset(cfg.n_train, size, seed=cfg.seed, channels=cfg.in_channels)
+        base = SyntheticNucleiDataset(cfg.n_train, size, seed=cfg.seed, channels=cfg.in_channels,
+                                      target=cfg.target)
         held, held_text = synthetic_heldout(cfg.n_val, size, cfg.in_channels, sr, instances=True)
         return (SyntheticCrops(base, cfg.image_size, cfg.seed, sr), held,
                 base.describe() + f", random {cfg.image_size}x{cfg.image_size} crops", held_text)
     from .datasets import SegmentationDataset
+    if cfg.target == "contour":
+        raise ValueError("--target contour needs instance labels; folder data sets are read as masks here: "
+                         "train it on the synthetic data (no --train-data), or use --target mask")
 
     kw = dict(in_channels=cfg.in_channels, task=cfg.task, sr_scale=cfg.sr_scale, classes=cfg.classes)
     train = SegmentationDataset(cfg.train_data, cfg.data_format, image_size=cfg.image_size, train=True,

@@ -124,4 +124,6 @@ def run_inference_info(cfg: Any, record: Optional[dict] = None, training_data: O
     task = getattr(cfg, "task", "segmentation")
     return InferenceInfo(task=task, sr_scale=cfg.sr_scale if task == "super-resolution" else None,
                          tile_size=inference_window(cfg),
-                         metrics=metrics, training_data=training_data, mpp=getattr(cfg, "train_mpp", None))
+                         metrics=metrics, training_data=training_data,
+                         mpp=getattr(cfg, "train_mpp", None),
+                         target=getattr(cfg, "target", "mask") if task == "segmentation" else "mask")

@@ -169,21 +169,27 @@ def evaluate_loader(model: torch.nn.Module, loader, task: str, device: torch.dev
                     overlap: float = 0.25, rand: bool = False, keep: int = 0,
                     autocast: Optional[Callable] = None, on_batch: Optional[Callable] = None,
                     forward: Optional[Callable] = None, channels_last: bool = False, threshold: float = 0.5,
-                    objects=None):
+                    objects=None, target: str = "mask"):
     """Run the model over a loader of (image, target) or (image, target, instances) batches. Returns
     (meters, loss_sum, n_images, kept) where meters = [main meter] (+ a SegmentationMeter beside a
     RandMeter) (+ `objects`, a metrics.ObjectMeter, last) and kept holds the first `keep` (image,
     target, output) triples on the CPU for plots. Dice and IoU count the pixels whose probability
     exceeds `threshold` (one class). `objects` scores every image: against its instance labels where
-    the batches carry them (object metrics), else against its target (per-image pixel rows only)."""
-    meters = [make_meter(task, model.config.classes, rand, threshold)]
+    the batches carry them (object metrics), else against its target (per-image pixel rows only).
+    A contour model (`target` "contour") is scored as one class, nucleus (interior + boundary) vs
+    background: its output becomes 1 - p(background) and its targets (class maps or masks) `> 0`."""
+    contour = target == "contour"
+    classes = 1 if contour else model.config.classes
+    meters = [make_meter(task, classes, rand, threshold)]
     if rand:
-        meters.append(SegmentationMeter(model.config.classes, threshold))
+        meters.append(SegmentationMeter(classes, threshold))
     loss_sum, n, kept = 0.0, 0, []
     for batch in loader:
         images, targets = batch[0].to(device), batch[1].to(device)
         out = infer(model, images, task, tile_size, overlap, autocast=autocast, forward=forward,
                     channels_last=channels_last)
+        if contour:
+            out, targets = 1 - out[:, :1], (targets > 0).float()
         for meter in meters:
             if task == "super-resolution":
                 meter.update(out, targets, baseline=images)

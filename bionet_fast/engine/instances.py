@@ -2,7 +2,9 @@
 
 `InstanceWriter.put(probs)` takes (K, n, W) row bands top to bottom (as `predict_rows` yields
 them). Objects are 4-connected components of the mask (p > threshold: the model's, 0.5 unless set;
-several classes: argmax > 0), holes filled, smaller than `min_area` dropped. An object is finished when it does not reach the
+several classes: argmax > 0; a contour model: 1 - p(background) > threshold), holes filled, each
+split into touching nuclei by `split` (engine.split: watershed, contour seeds or none), smaller than
+`min_area` dropped. A component is finished (and only then split) when it does not reach the
 last buffered row; rows above the highest unfinished object are final and written out, the rest
 is carried into the next band. So a nucleus cut by a window or row border is ONE object, labelled
 and traced whole, while memory holds one band plus the carried rows (capped at `max_carry` rows:
@@ -25,6 +27,7 @@ import numpy as np
 from .label_writer import LabelWriter
 from .object_outputs import BASE_COLUMNS as CSV_COLUMNS, ObjectOutputs
 from .pixel_size import SlideGeometry
+from .split import SplitOptions, decode_probs, require_split_libs, split_component
 
 __all__ = ["InstanceWriter", "trace_outline", "trace_rings", "CSV_COLUMNS"]
 
@@ -105,12 +108,16 @@ class InstanceWriter:
                  geojson: bool = False, measurements: bool = False, min_area: int = 0,
                  mpp: Optional[float] = None, max_carry: int = 4096, threshold: float = 0.5,
                  rois: bool = False, geometry: Optional[SlideGeometry] = None, image=None,
-                 class_names: Optional[list[str]] = None):
+                 class_names: Optional[list[str]] = None, split: SplitOptions = SplitOptions("none"),
+                 target: str = "mask"):
         """shape: the predicted image (h, w); geometry: how it maps to the slide's level 0 (default:
         itself, `mpp` µm/px); image: its reader (engine.slide interface) for intensity columns;
         class_names: names of classes 0..K-1 for a classification of K-class predictions."""
         self.nd = _ndimage()
-        self.threshold = threshold
+        self.threshold, self.split, self.target = threshold, split, target
+        if split.method == "contour" and target != "contour":
+            raise ValueError("the contour split needs a contour model's (K = 3) probabilities")
+        require_split_libs(split)  # before any file is opened
         self.h, self.w = shape
         self.min_area, self.mpp, self.max_carry = min_area, mpp, max_carry
         geometry = geometry or SlideGeometry(tuple(shape), tuple(shape), mpp, mpp)
@@ -124,16 +131,20 @@ class InstanceWriter:
         self.mask = np.zeros((0, self.w), bool)
         self.prob = np.zeros((0, self.w), np.float32)
         self.final = np.zeros((0, self.w), np.uint32)
+        contour = split.method == "contour"
+        self.seeds = np.zeros((0, self.w), bool) if contour else None  # interior p > 0.5
+        self.bnd = np.zeros((0, self.w), np.float32) if contour else None  # boundary probability
 
     def put(self, probs: np.ndarray) -> None:
         """probs (K, n, W): the next n rows of probabilities."""
-        fg = probs[0] > self.threshold if probs.shape[0] == 1 else probs.argmax(0) > 0
-        p = probs[0] if probs.shape[0] == 1 else 1 - probs[0]
+        fg, p, seeds, bnd = decode_probs(probs, self.threshold, self.target)
         self.mask = np.concatenate([self.mask, fg])
-        self.prob = np.concatenate([self.prob, p.astype(np.float32)])
+        self.prob = np.concatenate([self.prob, p])
         self.final = np.concatenate([self.final, np.zeros(fg.shape, np.uint32)])
         if self.cls is not None and probs.shape[0] > 1:
             self.cls = np.concatenate([self.cls, probs.argmax(0).astype(np.uint8)])
+        if self.seeds is not None:
+            self.seeds, self.bnd = np.concatenate([self.seeds, seeds]), np.concatenate([self.bnd, bnd])
         last = self.top + self.mask.shape[0] >= self.h
         self._process(last or self.mask.shape[0] > self.max_carry)
 
@@ -150,14 +161,28 @@ class InstanceWriter:
             if i in open_ids:
                 cut = min(cut, sl[0].start)
                 continue
-            self._finish(lab[sl] == i, sl)
+            self._split(lab[sl] == i, sl)
         out = self.final[:cut]
         if self.labels is not None and cut:
             self.labels.put(np.where(out == _DROPPED, 0, out))
         self.mask, self.prob, self.final = self.mask[cut:], self.prob[cut:], self.final[cut:]
         if self.cls is not None and len(self.cls):
             self.cls = self.cls[cut:]
+        if self.seeds is not None:
+            self.seeds, self.bnd = self.seeds[cut:], self.bnd[cut:]
         self.top += cut
+
+    def _split(self, obj: np.ndarray, sl: tuple[slice, slice]) -> None:
+        """A finished component: holes filled (not over other nuclei), split, each part written."""
+        if self.split.method == "none":
+            self._finish(obj, sl)
+            return
+        filled = self.nd.binary_fill_holes(obj) & (obj | ~self.mask[sl])
+        contour = self.seeds is not None
+        parts, n = split_component(filled, self.split, self.seeds[sl] if contour else None,
+                                   self.bnd[sl] if contour else None)
+        for j in range(1, n + 1):
+            self._finish(parts == j, sl)
 
     def _finish(self, obj: np.ndarray, sl: tuple[slice, slice]) -> None:
         """Fill the object's holes (not over other nuclei), measure, label, trace and write it."""

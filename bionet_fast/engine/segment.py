@@ -25,6 +25,7 @@ from .inference import pick_device, window_predictor
 from .engines import inference_setup
 from .pixel_size import SlideGeometry, min_area_pixels
 from .slide import ArrayReader
+from .split import SplitOptions, resolve_split
 from .streaming import StreamOptions, count_windows
 from .whole_slide import OutputOptions, predict_image
 
@@ -45,7 +46,7 @@ class Segmentation:
 def instance_options() -> set[str]:
     """The names of predict's instance options beyond the basics (e.g. "split" where a watershed split
     of touching nuclei exists): what `segment_array` passes through and a GUI may offer."""
-    basic = {"prob_format", "instances", "geojson", "measurements", "threshold"}
+    basic = {"prob_format", "instances", "geojson", "measurements", "threshold", "target", "class_names"}
     return {f.name for f in dataclasses.fields(OutputOptions)} - basic
 
 
@@ -89,6 +90,11 @@ def segment_array(model: torch.nn.Module, image: np.ndarray, *, tile_size: Optio
     cfg = model.config
     # predict's default --min-area (15 px: an array carries no pixel size)
     instance_kw.setdefault("min_area", min_area_pixels(None, SlideGeometry((h, w), (h, w))))
+    # the split as predict's --split: "auto" (default), "watershed", "contour", "none"; True = "auto"
+    target = getattr(info, "target", "mask") if info is not None else "mask"
+    split = instance_kw.pop("split", "auto")
+    split = {True: "auto", False: "none"}.get(split, split) if isinstance(split, bool) else split
+    instance_kw.update(split=SplitOptions(resolve_split(split, target)), target=target)
     stream = StreamOptions(tile, overlap, batch_size, progress=False)
     outputs = OutputOptions("tiff", instances=True, threshold=thr, **instance_kw)
     with tempfile.TemporaryDirectory(prefix="bionet-segment-") as tmp:

@@ -36,6 +36,7 @@ class TrainConfig:
     classes: int = 1
     bn_momentum: float = 0.01
     task: str = "segmentation"
+    target: str = "mask"  # "contour": background / interior / boundary from instance labels
     sr_scale: int = 2
     checkpoint_iters: bool = False
     # data
@@ -115,4 +116,5 @@ class TrainConfig:
                           image_size=self.image_size, in_channels=self.in_channels, task=self.task,
                           sr_scale=self.sr_scale, size_multiple=self.size_multiple, seed=self.seed,
                           n_train=self.n_train, n_val=self.n_val,
+                          target=self.target if self.task == "segmentation" else "mask",
                           classes=self.classes if self.task == "segmentation" else 1)

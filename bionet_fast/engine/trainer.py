@@ -126,8 +126,9 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids, static_graph=True)
         self.graph = None
         if cfg.cuda_graph:
-            self.graph = GraphedTrainStep(self.net, self.opt, lambda logits, y: loss_fn(logits, y, cfg.task),
-                                          device, GraphStepOptions.of(cfg, world),
+            self.graph = GraphedTrainStep(self.net, self.opt,
+                                          lambda logits, y: loss_fn(logits, y, cfg.task), device,
+                                          GraphStepOptions.of(cfg, world),
                                           say=say_stderr if rank == 0 else None)
         self.augment = None
         if not cfg.no_augment:
@@ -352,7 +353,7 @@ class Trainer:
             meters, loss_sum, n, kept = evaluate_loader(
                 model, self.val_loader, a.task, self.device, inference_window(a) or 512,
                 keep=4 if self.main else 0, objects=object_meter() if self.objects else None,
-                rand=self.rand, autocast=self.autocast())
+                rand=self.rand, autocast=self.autocast(), target=a.target)
         finally:
             guard.remove()
         states = [torch.from_numpy(np.append(m.state(), [loss_sum, n])) for m in meters]

@@ -20,6 +20,7 @@ import torch
 from .instances import InstanceWriter
 from .label_writer import ScaledBlocks
 from .pixel_size import SlideGeometry, nearest_index
+from .split import SplitOptions
 from .slide import ArrayReader
 from .streaming import StreamOptions, predict_blocks, tissue_mask
 from .writers import TiledTiffWriter, mask_of, prob_to_uint16, split_channels, write_outputs
@@ -39,6 +40,8 @@ class OutputOptions:
     threshold: float = 0.5  # nucleus where p > threshold (one class)
     rois: bool = False
     class_names: Optional[list] = None  # K classes: names of classes 0..K-1, for a classification
+    split: SplitOptions = SplitOptions("none")  # how touching nuclei are separated (engine.split)
+    target: str = "mask"  # the model's target: "mask" or "contour"
 
     @property
     def any_instances(self) -> bool:
@@ -107,7 +110,8 @@ class _Sinks:
         if opts.any_instances:
             self.instances = InstanceWriter(folder, name, shape, opts.instances, opts.geojson, opts.measurements,
                                             opts.min_area, geometry.mpp, threshold=opts.threshold, rois=opts.rois,
-                                            geometry=geometry, image=reader, class_names=opts.class_names)
+                                            geometry=geometry, image=reader, class_names=opts.class_names,
+                                            split=opts.split, target=opts.target)
 
     def put(self, y: int, x: int, block: np.ndarray) -> None:
         """block (K, n, m): the finished output at rows y.., columns x.."""

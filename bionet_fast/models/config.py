@@ -165,6 +165,9 @@ class InferenceInfo:
     ``training_data``: a description of the training images (for the model card).
     ``mpp``: the pixel size of the training images in micrometres per pixel (from their files or
     ``train --train-mpp``; None = unknown): predict reads every slide at it.
+    ``target``: "mask" (one nucleus class, or K label classes) or "contour" (3 classes: background,
+    interior, boundary; the nucleus is interior + boundary and touching nuclei are separated from
+    the interiors; absent from config.json = "mask").
     """
 
     task: str = "segmentation"
@@ -175,6 +178,7 @@ class InferenceInfo:
     metrics: dict = dataclasses.field(default_factory=dict)
     training_data: Optional[str] = None
     mpp: Optional[float] = None
+    target: str = "mask"
 
     def __post_init__(self) -> None:
         if not isinstance(self.value_range, (list, tuple)) or not all(is_number(v) for v in self.value_range):
@@ -192,6 +196,8 @@ class InferenceInfo:
             self.sr_scale = 2
         if self.sr_scale is not None and (not isinstance(self.sr_scale, int) or not 1 <= self.sr_scale <= 64):
             raise ValueError(f"invalid inference info: sr_scale={self.sr_scale!r}; use an integer in 1..64")
+        if self.target not in ("mask", "contour"):
+            raise ValueError(f"invalid inference info: target={self.target!r}; choose mask or contour")
         if not 0.0 < float(self.threshold) < 1.0 or len(self.value_range) != 2:
             raise ValueError(f"invalid inference info: threshold={self.threshold!r} must lie in (0, 1) and "
                              f"value_range={self.value_range!r} must be [low, high]")
@@ -201,6 +207,8 @@ class InferenceInfo:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["value_range"] = list(self.value_range)
+        if self.target == "mask":  # written only for contour models: config.json of mask models as before
+            del data["target"]
         return data
 
     @classmethod

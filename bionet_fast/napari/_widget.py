@@ -65,6 +65,7 @@ class NucleiWidget(QWidget):
         self.split_check = None
         if "split" in instance_options():  # offered only where predict's instances can split
             self.split_check = QCheckBox("split touching nuclei")
+            self.split_check.setChecked(True)  # predict's default (--split auto)
             form.addRow("", self.split_check)
         self.run_button = QPushButton("Run")
         self.run_button.clicked.connect(self.run)

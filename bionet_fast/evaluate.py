@@ -44,6 +44,7 @@ from .data.training import synthetic_heldout, uniform_sizes
 from .engine.engines import inference_setup
 from .engine.inference import TASKS, evaluate_loader, load_for_inference, summarize
 from .engine.instance_eval import object_meter
+from .engine.split import SPLITS
 from .engine.precision import PRECISIONS
 
 
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "its config.json: 512 for reflect-padded BiO-Nets, the training crop for zero-padded "
                         "ones, else 512); smaller uses less memory")
     p.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
+    p.add_argument("--split", choices=SPLITS, default="auto",
+                   help="how the object metrics (AJI, PQ, F1) separate touching nuclei, as predict --split: "
+                        "default auto (watershed)")
     p.add_argument("--threshold", type=float,
                    help="nucleus where the probability exceeds this, for Dice/IoU and saved masks (default: "
                         "the model's, from its config.json; 0.5)")
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     rand = task == "segmentation" and getattr(ds, "fmt", None) == "tiff-stack"
     threshold = model_threshold(model, args.threshold)
     saver = _PredictionSaver(out / "predictions", names, task, threshold) if args.save_predictions else None
-    objects = object_meter(threshold, objects=getattr(ds, "has_instances", False)) \
+    objects = object_meter(threshold, objects=getattr(ds, "has_instances", False), target=model_target(model),
+                           split=args.split) \
         if task == "segmentation" else None
     meters, loss_sum, n, _ = evaluate_loader(model, loader, task, device, tile, args.overlap, forward=setup.forward,
                                              rand=rand, on_batch=saver, channels_last=setup.channels_last,

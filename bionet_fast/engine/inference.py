@@ -188,6 +188,7 @@ def evaluate_loader(model: torch.nn.Module, loader, task: str, device: torch.dev
         images, targets = batch[0].to(device), batch[1].to(device)
         out = infer(model, images, task, tile_size, overlap, autocast=autocast, forward=forward,
                     channels_last=channels_last)
+        raw = out  # a contour model's objects come from all three of its channels
         if contour:
             out, targets = 1 - out[:, :1], (targets > 0).float()
         for meter in meters:
@@ -196,7 +197,7 @@ def evaluate_loader(model: torch.nn.Module, loader, task: str, device: torch.dev
             else:
                 meter.update(out, targets)
         if objects is not None:
-            objects.update(out, batch[2] if len(batch) > 2 else targets)
+            objects.update(raw, batch[2] if len(batch) > 2 else targets)
         loss_sum += float(val_loss(out, targets, task))
         n += images.shape[0]
         for i in range(min(keep - len(kept), images.shape[0])):

@@ -1,13 +1,14 @@
 """Predicted nuclei for the object metrics: one call from a probability map to instance labels.
 
-`probs_to_instances` is the single place where evaluation (evaluate, the trainer's validation)
-turns probabilities into objects; a better split (a watershed of touching nuclei) replaces its
-body and every object metric follows. Today: the 4-connected components of the mask, holes
-filled, objects under `min_area` dropped, as `predict --instances` makes them. numpy only (no
-scipy): evaluation needs no extra.
+`object_meter` is the single place where evaluation (evaluate, the trainer's validation) turns
+probabilities into objects: engine.split.label_image, exactly the objects `predict --instances`
+writes (touching nuclei split). `probs_to_instances` (numpy only: the 4-connected components of
+the mask, holes filled, objects under `min_area` dropped) is its fallback where scipy /
+scikit-image are not installed.
 """
 from __future__ import annotations
 
+import sys
 from functools import partial
 
 import numpy as np
@@ -58,7 +59,21 @@ def fill_holes(labels: np.ndarray) -> np.ndarray:
     return np.where(labels == 0, owner[bg], labels)
 
 
-def object_meter(threshold: float = 0.5, min_area: int = 0, objects: bool = True) -> ObjectMeter:
-    """An ObjectMeter whose predicted objects are `probs_to_instances` at `threshold` (`objects`
-    False: per-image pixel rows only, for data without instance labels)."""
-    return ObjectMeter(partial(probs_to_instances, threshold=threshold, min_area=min_area), threshold, objects)
+def object_meter(threshold: float = 0.5, min_area: int = 0, objects: bool = True, target: str = "mask",
+                 split: str = "auto") -> ObjectMeter:
+    """An ObjectMeter whose predicted objects are those `predict --instances --split SPLIT` makes
+    (engine.split.label_image: components, holes filled, touching nuclei split) at `threshold`, for a
+    model trained on `target`; without scipy / scikit-image, the plain components of
+    `probs_to_instances` (said once). `objects` False: per-image pixel rows only, for data without
+    instance labels."""
+    from .split import SplitOptions, label_image, require_split_libs, resolve_split
+
+    opts = SplitOptions(resolve_split(split, target))
+    try:
+        require_split_libs(opts)
+    except ImportError as err:
+        if opts.method != "none" or target != "mask":
+            print(f"note: object metrics of unsplit components ({err})", file=sys.stderr)
+        return ObjectMeter(partial(probs_to_instances, threshold=threshold, min_area=min_area), threshold, objects)
+    return ObjectMeter(partial(label_image, threshold=threshold, target=target, opts=opts, min_area=min_area),
+                       threshold, objects)

@@ -352,7 +352,7 @@ class Trainer:
         try:
             meters, loss_sum, n, kept = evaluate_loader(
                 model, self.val_loader, a.task, self.device, inference_window(a) or 512,
-                keep=4 if self.main else 0, objects=object_meter() if self.objects else None,
+                keep=4 if self.main else 0, objects=object_meter(target=a.target) if self.objects else None,
                 rand=self.rand, autocast=self.autocast(), target=a.target)
         finally:
             guard.remove()

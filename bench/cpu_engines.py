@@ -74,7 +74,7 @@ def port_model(kw: dict):
 
 def convert_seconds(model) -> dict:
     """Seconds (wall and this process' CPU) to convert `model` for OpenVINO by each route."""
-    from bionet_fast.engine.export import reference_copy, to_openvino
+    from bionet_fast.engine.prediction.export import reference_copy, to_openvino
 
     ref, out = reference_copy(model), {}
     for how in ("onnx", "pytorch"):
@@ -88,9 +88,9 @@ def predictors(model, threads: int) -> dict:
     """engine name -> windows (N, 3, H, W) -> probabilities, all from the same weights."""
     import torch
 
-    from bionet_fast.engine import openvino_engine as ove
-    from bionet_fast.engine.engines import OnnxRuntimeForward
-    from bionet_fast.engine.inference import window_predictor
+    from bionet_fast.engine.prediction import openvino_engine as ove
+    from bionet_fast.engine.prediction.engines import OnnxRuntimeForward
+    from bionet_fast.engine.prediction.inference import window_predictor
     from bionet_fast.engine.precision import autocast_context
 
     cl = make_model({k: getattr(model.config, k) for k in ("multiplier", "depth", "iterations", "padding_mode")})
@@ -167,11 +167,11 @@ def slide_child(engine: str, precision: str, slide: Path, out: Path, kw: dict, t
     """Predict `slide` as predict does (streaming, tiled BigTIFF outputs) with one engine."""
     import torch
 
-    from bionet_fast.engine.engines import inference_setup
-    from bionet_fast.engine.inference import window_predictor
-    from bionet_fast.engine.slide import TiffReader
-    from bionet_fast.engine.streaming import StreamOptions, count_windows
-    from bionet_fast.engine.whole_slide import OutputOptions, predict_image
+    from bionet_fast.engine.prediction.engines import inference_setup
+    from bionet_fast.engine.prediction.inference import window_predictor
+    from bionet_fast.engine.prediction.slide import TiffReader
+    from bionet_fast.engine.prediction.streaming import StreamOptions, count_windows
+    from bionet_fast.engine.prediction.whole_slide import OutputOptions, predict_image
 
     cpu = torch.device("cpu")
     model = make_model(kw)

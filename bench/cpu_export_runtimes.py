@@ -40,7 +40,7 @@ def default_model() -> torch.nn.Module:
 
 def runtimes(model: torch.nn.Module, folder: Path, threads: int) -> dict[str, Callable]:
     """name -> x (1, 3, H, W) float32 -> logits float32."""
-    from bionet_fast.engine.export import export
+    from bionet_fast.engine.prediction.export import export
     from bionet_fast.engine.precision import autocast_context
 
     sizes = [(1, 3, 64, 64), (2, 3, 80, 48)]

@@ -206,7 +206,7 @@ def cpu_peak_mib(runner: Runner) -> float:
     """The CPU's deterministic count of one step's peak (bionet_fast.peak_step_memory for train;
     the same live-bytes count for an inference forward). Excludes params, buffers and inputs."""
     from bionet_fast import peak_step_memory
-    from bionet_fast.engine.memory import LiveBytesMode
+    from bionet_fast.engine.planning.memory import LiveBytesMode
 
     if runner.case.mode == "train":
         with runner.autocast():

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from bionet_fast.data.synthetic import make_synthetic_nuclei
-from bionet_fast.engine.inference import infer
-from bionet_fast.engine.instances import InstanceWriter
-from bionet_fast.engine.split import SplitOptions, label_image
+from bionet_fast.engine.prediction.inference import infer
+from bionet_fast.engine.prediction.instances import InstanceWriter
+from bionet_fast.engine.prediction.split import SplitOptions, label_image
 from bionet_fast.models import from_pretrained
 
 TUNE_SEED, TEST_SEED = 101, 2**31 - 2  # neither is a training seed nor the validation seed (2**31 - 1)
@@ -120,7 +120,7 @@ def sweep(regime_data, models) -> tuple[SplitOptions, list]:
     """The watershed's h and sigma: the best mean PQ over both regimes of the tuning images (oracle
     masks and the mask model's predictions) among the settings that split at most 0.5% of the
     isolated true nuclei."""
-    from bionet_fast.engine.split import split_component
+    from bionet_fast.engine.prediction.split import split_component
 
     alone = isolated(regime_data["default"][0])
     table = []
@@ -162,10 +162,10 @@ def predict_cost(model, rgb: np.ndarray, threshold: float, opts: SplitOptions, t
     of `repeats` each: the ratio of the times."""
     import tifffile
 
-    from bionet_fast.engine.inference import window_predictor
-    from bionet_fast.engine.slide import TiffReader
-    from bionet_fast.engine.streaming import StreamOptions
-    from bionet_fast.engine.whole_slide import OutputOptions, predict_image
+    from bionet_fast.engine.prediction.inference import window_predictor
+    from bionet_fast.engine.prediction.slide import TiffReader
+    from bionet_fast.engine.prediction.streaming import StreamOptions
+    from bionet_fast.engine.prediction.whole_slide import OutputOptions, predict_image
 
     tifffile.imwrite(tmp / "slide.tif", rgb, photometric="rgb", tile=(256, 256))
     run = window_predictor(model, "segmentation")

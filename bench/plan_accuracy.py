@@ -24,8 +24,8 @@ if not os.environ.get("TRITON_INTERPRET"):
 import torch  # noqa: E402
 
 from bionet_fast import BiOLinkNet, BiONet, peak_step_memory  # noqa: E402
-from bionet_fast.engine.memory_ops import Platform  # noqa: E402
-from bionet_fast.engine.step_model import simulate_step  # noqa: E402
+from bionet_fast.engine.planning.memory_ops import Platform  # noqa: E402
+from bionet_fast.engine.planning.step_model import simulate_step  # noqa: E402
 
 # (backend, t, batch, size, multiplier, depth, precision, extra BiONet kwargs)
 R, T, L = "reference", "triton", "linknet"  # linknet: BiOLinkNet (reference path; x1.0, depth 5 = ResNet-18)

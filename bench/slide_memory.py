@@ -72,10 +72,10 @@ def child(case: str, slide: Path, out: Path, tile: int, overlap: float) -> dict:
         return result | {"peak_rss_mib": _peak_rss_mib()}
     t0 = time.perf_counter()
     if case.startswith("bounded"):
-        from bionet_fast.engine.inference import window_predictor
-        from bionet_fast.engine.slide import TiffReader
-        from bionet_fast.engine.streaming import StreamOptions, count_windows
-        from bionet_fast.engine.whole_slide import OutputOptions, predict_image
+        from bionet_fast.engine.prediction.inference import window_predictor
+        from bionet_fast.engine.prediction.slide import TiffReader
+        from bionet_fast.engine.prediction.streaming import StreamOptions, count_windows
+        from bionet_fast.engine.prediction.whole_slide import OutputOptions, predict_image
 
         bf16 = case.endswith("bf16")
         if bf16:
@@ -90,9 +90,9 @@ def child(case: str, slide: Path, out: Path, tile: int, overlap: float) -> dict:
         import tifffile
 
         from bionet_fast.data.readers import to_float
-        from bionet_fast.engine.inference import infer
-        from bionet_fast.engine.streaming import count_windows
-        from bionet_fast.engine.writers import mask_of
+        from bionet_fast.engine.prediction.inference import infer
+        from bionet_fast.engine.prediction.streaming import count_windows
+        from bionet_fast.engine.prediction.writers import mask_of
 
         img = tifffile.imread(slide)
         x = torch.from_numpy(to_float(img).transpose(2, 0, 1).copy())[None]
@@ -113,7 +113,7 @@ def precision_ratio(reps: int = 5) -> list[dict]:
     import torch
 
     torch.set_num_threads(1)
-    from bionet_fast.engine.inference import window_predictor
+    from bionet_fast.engine.prediction.inference import window_predictor
     from bionet_fast.engine.precision import autocast_context
     from bionet_fast.models import BiONet
 

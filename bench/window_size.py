@@ -25,7 +25,7 @@ from bionet_fast.blocks import no_stats_update
 from bionet_fast.blocks import reference
 from bionet_fast.blocks.reference import RefOps
 from bionet_fast.data.training import synthetic_heldout
-from bionet_fast.engine.inference import infer
+from bionet_fast.engine.prediction.inference import infer
 from bionet_fast.metrics import SegmentationMeter
 
 

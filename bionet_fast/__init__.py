@@ -25,21 +25,21 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> the module that defines it
 _LAZY = {
-    "export": "bionet_fast.engine.export",
-    "peak_step_memory": "bionet_fast.engine.memory",
-    "saved_activation_bytes": "bionet_fast.engine.memory",
-    "plan_memory": "bionet_fast.engine.planner",
-    "sliding_window_inference": "bionet_fast.engine.tiling",
+    "export": "bionet_fast.engine.prediction.export",
+    "peak_step_memory": "bionet_fast.engine.planning.memory",
+    "saved_activation_bytes": "bionet_fast.engine.planning.memory",
+    "plan_memory": "bionet_fast.engine.planning.planner",
+    "sliding_window_inference": "bionet_fast.engine.prediction.tiling",
     **{name: "bionet_fast.models" for name in ("BiOLinkNet", "BiOLinkNetConfig", "BiONet", "BiONetConfig",
                                                 "create_model", "from_pretrained", "load_official")},
 }
 _SUBPACKAGES = ("blocks", "data", "engine", "kernels", "metrics", "models", "utils")
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on first use
-    from .engine.export import export
-    from .engine.memory import peak_step_memory, saved_activation_bytes
-    from .engine.planner import plan_memory
-    from .engine.tiling import sliding_window_inference
+    from .engine.prediction.export import export
+    from .engine.planning.memory import peak_step_memory, saved_activation_bytes
+    from .engine.planning.planner import plan_memory
+    from .engine.prediction.tiling import sliding_window_inference
     from .models import (BiOLinkNet, BiOLinkNetConfig, BiONet, BiONetConfig, create_model, from_pretrained,
                          load_official)
 

@@ -6,8 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from .engine.engines import ENGINES
-from .engine.inference import InferenceOptions
+from .engine.prediction.engines import ENGINES
+from .engine.prediction.inference import InferenceOptions
 from .models.config_checks import MAX_TILE
 
 

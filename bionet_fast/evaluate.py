@@ -35,16 +35,16 @@ from pathlib import Path
 import torch
 from .utils.progress import tqdm
 
-from .engine.writers import write_outputs
+from .engine.prediction.writers import write_outputs
 from .utils.files import atomic_write, write_json
 from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, WINDOW, add_engine_arguments, check_multiple,
                    check_numbers, check_writable, inference_options, model_target, model_threshold)
 from .data import SegmentationDataset
 from .data.training import synthetic_heldout, uniform_sizes
-from .engine.engines import inference_setup
-from .engine.inference import TASKS, evaluate_loader, load_for_inference, summarize
-from .engine.instance_eval import object_meter
-from .engine.split import SPLITS
+from .engine.prediction.engines import inference_setup
+from .engine.prediction.inference import TASKS, evaluate_loader, load_for_inference, summarize
+from .engine.prediction.instance_eval import object_meter
+from .engine.prediction.split import SPLITS
 from .engine.precision import PRECISIONS
 
 

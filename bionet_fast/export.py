@@ -27,10 +27,10 @@ import argparse
 import sys
 import types
 
-from .engine.bioimageio import export_bioimageio
-from .engine.export import FORMATS, ONNX_EXPORTERS, ExportReport, export
-from .engine.export_target import check_export_target
-from .engine.inference import InferenceOptions, load_for_inference
+from .engine.prediction.bioimageio import export_bioimageio
+from .engine.prediction.export import FORMATS, ONNX_EXPORTERS, ExportReport, export
+from .engine.prediction.export_target import check_export_target
+from .engine.prediction.inference import InferenceOptions, load_for_inference
 from .models.config import InferenceInfo
 
 __all__ = ["export", "export_bioimageio", "ExportReport", "main"]

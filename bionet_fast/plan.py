@@ -15,9 +15,9 @@ import time
 from typing import Optional
 
 from ._cli import AT_LEAST_1, POSITIVE, check_numbers
-from .engine.planner import DoesNotFit, Planner, candidates, fit_or_explain, parse_bytes
-from .engine.plan_bounds import check_plan_bounds
-from .engine.step_model import Checkpointing
+from .engine.planning.planner import DoesNotFit, Planner, candidates, fit_or_explain, parse_bytes
+from .engine.planning.plan_bounds import check_plan_bounds
+from .engine.planning.step_model import Checkpointing
 from .models import BiOLinkNetConfig, BiONetConfig
 
 TABLE_GPUS = (8, 12, 16, 24, 40, 80)

@@ -55,18 +55,18 @@ import torch.nn.functional as F
 from ._cli import (AT_LEAST_1, FRACTION, PROBABILITY, WINDOW, add_engine_arguments, check_numbers, check_writable,
                    inference_options, model_target, model_threshold)
 from .data.readers import IMAGE_EXTS, TIFF_EXTS, match_channels, read_image, read_stack, to_float
-from .engine.engines import inference_setup
-from .engine.inference import TASKS, infer, load_for_inference, window_predictor
-from .engine.pixel_size import min_area_pixels, open_for_prediction, parse_min_area
+from .engine.prediction.engines import inference_setup
+from .engine.prediction.inference import TASKS, infer, load_for_inference, window_predictor
+from .engine.prediction.pixel_size import min_area_pixels, open_for_prediction, parse_min_area
 from .engine.precision import PRECISIONS
-from .engine.slide import SLIDE_EXTS, file_mpp
-from .engine.split import SPLITS, SplitOptions, require_split_libs, resolve_split
-from .engine.streaming import StreamOptions
-from .engine.names import safe_name
-from .engine.predict_batch import (BatchReport, ImageClaim, check_tiff, drop_earlier_outputs, folder_error,
+from .engine.prediction.slide import SLIDE_EXTS, file_mpp
+from .engine.prediction.split import SPLITS, SplitOptions, require_split_libs, resolve_split
+from .engine.prediction.streaming import StreamOptions
+from .engine.prediction.names import safe_name
+from .engine.prediction.predict_batch import (BatchReport, ImageClaim, check_tiff, drop_earlier_outputs, folder_error,
                                    shard_of)
-from .engine.whole_slide import OutputOptions, expected_outputs, predict_image
-from .engine.writers import write_outputs, write_pages, write_stack
+from .engine.prediction.whole_slide import OutputOptions, expected_outputs, predict_image
+from .engine.prediction.writers import write_outputs, write_pages, write_stack
 
 INPUT_EXTS = IMAGE_EXTS + SLIDE_EXTS + (".btf",)
 

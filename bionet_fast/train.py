@@ -46,13 +46,13 @@ from ._cli import (AT_LEAST_0, AT_LEAST_1, MOMENTUM, POSITIVE, WINDOW, check_mul
                    check_writable)
 from .engine import checkpoint_io as tio
 from .data.training import build_data
-from .engine.train_notes import accumulation_warning
-from .engine.trainer import Diverged, Trainer, setup_distributed
+from .engine.training.train_notes import accumulation_warning
+from .engine.training.trainer import Diverged, Trainer, setup_distributed
 from .engine.checkpoint_io import ARGS_JSON
 from .engine.cpu_threads import default_threads
-from .engine.run_folder import resume_changes, take_folder
+from .engine.training.run_folder import resume_changes, take_folder
 from .engine.run_lock import RunLocked
-from .engine.train_config import TrainConfig
+from .engine.training.train_config import TrainConfig
 from .models import BiOLinkNetConfig, BiONetConfig
 
 # The synthetic runs pad by reflection: a model trained on 64-pixel crops then gives the same answer
@@ -390,7 +390,7 @@ def _training_mpp(args: TrainConfig, train) -> tuple[TrainConfig, str]:
 def _memory_plan(args: TrainConfig, device, main: bool):
     """--memory-budget: plan (engine/planner.py), print it, and return the config with the planned
     batch size and checkpointing; DoesNotFit (a ValueError naming what fits) stops before training."""
-    from .engine.planner import plan_training
+    from .engine.planning.planner import plan_training
 
     if args.arch == "biolinknet":
         model = BiOLinkNetConfig(in_channels=args.in_channels, classes=args.classes, iterations=args.t,

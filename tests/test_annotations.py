@@ -236,7 +236,7 @@ def test_geojson_classes_give_a_class_map_target(tmp_path):
 def test_predict_geojson_read_back_gives_the_same_instances(tmp_path):
     """InstanceWriter (what predict --instances --geojson writes) -> its GeoJSON beside the image
     as training labels -> exactly its label image, ids included."""
-    from bionet_fast.engine.instances import InstanceWriter
+    from bionet_fast.engine.prediction.instances import InstanceWriter
 
     h, w = 60, 50
     yy, xx = np.mgrid[:h, :w]

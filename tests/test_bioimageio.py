@@ -19,7 +19,7 @@ yaml = pytest.importorskip("yaml")
 
 import bionet_fast  # noqa: E402
 from bionet_fast import BiONet  # noqa: E402
-from bionet_fast.engine.bioimageio import export_bioimageio  # noqa: E402
+from bionet_fast.engine.prediction.bioimageio import export_bioimageio  # noqa: E402
 from bionet_fast.export import main as export_cli  # noqa: E402
 from bionet_fast.models.config import InferenceInfo  # noqa: E402
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from bionet_fast import BiONet
 from bionet_fast.engine import cuda_graph as cg
-from bionet_fast.engine.inference import infer
+from bionet_fast.engine.prediction.inference import infer
 from bionet_fast.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]

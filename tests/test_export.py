@@ -10,7 +10,7 @@ import torch
 
 import bionet_fast
 from bionet_fast import BiONet
-from bionet_fast.engine.export import export, read_file_metadata, reference_copy
+from bionet_fast.engine.prediction.export import export, read_file_metadata, reference_copy
 from bionet_fast.models.config import InferenceInfo
 
 SIZES = [(1, 3, 32, 32), (2, 3, 48, 24)]  # depth 2: sides multiples of 8; the second is not traced

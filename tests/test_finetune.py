@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from bionet_fast import BiONet
-from bionet_fast.engine.finetune import FineTuning, load_source
+from bionet_fast.engine.training.finetune import FineTuning, load_source
 from bionet_fast.train import build_parser
 from bionet_fast.train import main as train
 
@@ -111,7 +111,7 @@ def test_initial_checkpoint_from_an_official_port_file(tmp_path):
     from port_layout import PortNet, randomise
 
     from bionet_fast import load_official
-    from bionet_fast.engine.finetune import load_initial_weights
+    from bionet_fast.engine.training.finetune import load_initial_weights
 
     torch.manual_seed(0)
     path = tmp_path / "iter_2_mul_1_best_weights.pt"

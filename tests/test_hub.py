@@ -15,7 +15,7 @@ from PIL import Image
 
 import bionet_fast
 from bionet_fast import BiONet
-from bionet_fast.engine.inference import InferenceOptions, load_for_inference
+from bionet_fast.engine.prediction.inference import InferenceOptions, load_for_inference
 from bionet_fast.models.config import InferenceInfo
 
 REV = "0123456789abcdef0123456789abcdef01234567"

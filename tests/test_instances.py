@@ -11,10 +11,10 @@ import tifffile
 import torch
 from scipy import ndimage
 
-from bionet_fast.engine.instances import InstanceWriter, trace_outline, trace_rings
-from bionet_fast.engine.slide import TiffReader
-from bionet_fast.engine.streaming import StreamOptions
-from bionet_fast.engine.whole_slide import OutputOptions, predict_image
+from bionet_fast.engine.prediction.instances import InstanceWriter, trace_outline, trace_rings
+from bionet_fast.engine.prediction.slide import TiffReader
+from bionet_fast.engine.prediction.streaming import StreamOptions
+from bionet_fast.engine.prediction.whole_slide import OutputOptions, predict_image
 
 H, W = 300, 200
 # (cy, cx, r): across the output's tile-row border (y = 256), across window borders of 64-pixel

@@ -106,6 +106,36 @@ def test_no_import_cycles():
             visit(m, [m])
 
 
+# engine's sub-packages, one job each: training may use prediction (validation) and planning; prediction
+# and planning use neither each other nor training; the engine's own modules (threads, precision, CUDA
+# graphs, locks, the run folder's layout) use no sub-package.
+ENGINE_SUBS = {"training": {"prediction", "planning"}, "prediction": set(), "planning": set(), "": set()}
+
+
+def _engine_sub(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[:2] != ["bionet_fast", "engine"] or len(parts) < 3:
+        return None
+    return parts[2] if parts[2] in ENGINE_SUBS and len(parts) > 3 or (PKG / "engine" / parts[2]).is_dir() else ""
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _engine_sub(m) is not None))
+def test_engine_sub_packages_keep_to_their_job(module):
+    mine = _engine_sub(module)
+    for imported in _imports(module, MODULES[module]):
+        target = _resolve(imported)
+        theirs = _engine_sub(target) if target else None
+        if not theirs or theirs == mine:
+            continue
+        assert theirs in ENGINE_SUBS[mine], f"{module} (engine.{mine or '*'}) imports {target} (engine.{theirs})"
+
+
+def test_engine_is_three_jobs():
+    subs = {p.name for p in (PKG / "engine").iterdir() if (p / "__init__.py").is_file()}
+    assert subs == {"training", "prediction", "planning"}
+    assert len(list((PKG / "engine").glob("*.py"))) <= 6  # the shared modules only
+
+
 def test_layers_are_folders():
     for folder in ("models", "blocks", "data", "engine", "utils"):
         assert (PKG / folder / "__init__.py").is_file()

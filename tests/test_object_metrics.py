@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bionet_fast.engine.instance_eval import probs_to_instances
+from bionet_fast.engine.prediction.instance_eval import probs_to_instances
 from bionet_fast.metrics import ObjectMeter, object_counts, object_scores, scores_from_counts
 
 

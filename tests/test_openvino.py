@@ -19,13 +19,13 @@ from PIL import Image
 pytest.importorskip("openvino")  # in the [test] extra: skipped only by an install without it
 
 from bionet_fast import BiONet, sliding_window_inference  # noqa: E402
-from bionet_fast.engine import openvino_engine as ove  # noqa: E402
-from bionet_fast.engine.engines import engine_predictor, inference_setup, resolve_engine  # noqa: E402
-from bionet_fast.engine.export import export  # noqa: E402
-from bionet_fast.engine.inference import infer, window_predictor  # noqa: E402
+from bionet_fast.engine.prediction import openvino_engine as ove  # noqa: E402
+from bionet_fast.engine.prediction.engines import engine_predictor, inference_setup, resolve_engine  # noqa: E402
+from bionet_fast.engine.prediction.export import export  # noqa: E402
+from bionet_fast.engine.prediction.inference import infer, window_predictor  # noqa: E402
 from bionet_fast.engine.precision import cpu_has_native_bf16  # noqa: E402
-from bionet_fast.engine.slide import ArrayReader  # noqa: E402
-from bionet_fast.engine.streaming import StreamOptions, predict_blocks  # noqa: E402
+from bionet_fast.engine.prediction.slide import ArrayReader  # noqa: E402
+from bionet_fast.engine.prediction.streaming import StreamOptions, predict_blocks  # noqa: E402
 from bionet_fast.models.biolinknet import BiOLinkNet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def test_auto_picks_torch_when_openvino_is_not_installed(tmp_path):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "im.png")
     code = ("import sys; sys.modules['openvino'] = None\n"
             "import torch\n"
-            "from bionet_fast.engine.engines import resolve_engine\n"
+            "from bionet_fast.engine.prediction.engines import resolve_engine\n"
             "try:\n    resolve_engine('openvino', torch.device('cpu'))\n"
             "except ValueError as e:\n    print('REFUSED', e)\n"
             "from bionet_fast.predict import main\n"

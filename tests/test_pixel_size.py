@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from bionet_fast.data.pixel_size import dataset_mpp, file_mpp
-from bionet_fast.engine.instances import InstanceWriter
-from bionet_fast.engine.label_writer import LabelWriter
-from bionet_fast.engine.pixel_size import (ResampledReader, SlideGeometry, level_index, min_area_pixels,
+from bionet_fast.engine.prediction.instances import InstanceWriter
+from bionet_fast.engine.prediction.label_writer import LabelWriter
+from bionet_fast.engine.prediction.pixel_size import (ResampledReader, SlideGeometry, level_index, min_area_pixels,
                                            open_for_prediction)
-from bionet_fast.engine.slide import ArrayReader
-from bionet_fast.engine.streaming import StreamOptions
-from bionet_fast.engine.whole_slide import OutputOptions, predict_image
+from bionet_fast.engine.prediction.slide import ArrayReader
+from bionet_fast.engine.prediction.streaming import StreamOptions
+from bionet_fast.engine.prediction.whole_slide import OutputOptions, predict_image
 
 # true nuclei in level-0 pixels of a 0.25 um/px slide: (cy, cx, radius); radii 3-4 um
 NUCLEI = [(40.3, 50.7, 14), (60.0, 180.2, 12), (150.5, 90.5, 16), (200.8, 200.1, 13), (120.2, 230.6, 12),
@@ -268,7 +268,7 @@ def test_shape_features_equal_skimage_regionprops_table():
     from scipy import ndimage
     from skimage.measure import regionprops_table
 
-    from bionet_fast.engine.measurements import shape_features
+    from bionet_fast.engine.prediction.measurements import shape_features
 
     rng = np.random.default_rng(1)
     for i in range(12):
@@ -301,7 +301,7 @@ def test_abort_leaves_nothing_with_every_output(tmp_path):
 @pytest.mark.parametrize("compression", ["jpeg", "lzw"])
 def test_jpeg_and_lzw_tiles_are_read(tmp_path, compression):
     """SVS / NDPI tiles are JPEG, MoNuSeg's images LZW: imagecodecs (installed with bionet_fast) decodes them."""
-    from bionet_fast.engine.slide import open_slide
+    from bionet_fast.engine.prediction.slide import open_slide
 
     img = _slide_level0()
     tifffile.imwrite(tmp_path / "j.tif", img, photometric="rgb", tile=(64, 64), compression=compression,

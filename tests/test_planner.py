@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from bionet_fast import BiOLinkNet, BiOLinkNetConfig, BiONet, BiONetConfig, peak_step_memory, plan_memory
-from bionet_fast.engine.memory_ops import Platform
-from bionet_fast.engine.planner import (DoesNotFit, Planner, candidates, fit_or_explain, parse_bytes,
+from bionet_fast.engine.planning.memory_ops import Platform
+from bionet_fast.engine.planning.planner import (DoesNotFit, Planner, candidates, fit_or_explain, parse_bytes,
                                         plan_training)
-from bionet_fast.engine.step_model import Checkpointing, simulate_step
+from bionet_fast.engine.planning.step_model import Checkpointing, simulate_step
 
 CK = dict(checkpoint_iters=True)
 # A cheap subset of bench/plan_accuracy.py's grid (reference backend; the fused rows need the Triton

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import bionet_fast.predict as predict_mod
-from bionet_fast.engine.predict_batch import ImageClaim
+from bionet_fast.engine.prediction.predict_batch import ImageClaim
 from bionet_fast.models import BiONet
 from bionet_fast.predict import main as predict, output_names
 
@@ -201,7 +201,7 @@ def reflect_ckpt(tmp_path_factory):
 
 
 def test_tiny_inputs_on_a_reflect_model_through_the_model_and_infer(reflect_ckpt):
-    from bionet_fast.engine.inference import infer
+    from bionet_fast.engine.prediction.inference import infer
     from bionet_fast.models import from_pretrained
 
     model = from_pretrained(reflect_ckpt).eval()
@@ -251,7 +251,7 @@ def test_train_refuses_crops_too_small_to_reflect_naming_the_smallest(tmp_path, 
 def test_tissue_thumbnail_of_a_large_tiff_in_bounded_memory(tmp_path, layout):
     import tracemalloc
 
-    from bionet_fast.engine.slide import TiffReader
+    from bionet_fast.engine.prediction.slide import TiffReader
 
     side = 8192 if layout == "tiled" else 4096  # 192 MB / 48 MB of pixels
     path = tmp_path / f"{layout}.tif"
@@ -283,7 +283,7 @@ def test_tissue_thumbnail_of_a_large_tiff_in_bounded_memory(tmp_path, layout):
 
 
 def test_an_unreadable_input_is_that_inputs_failure_not_the_folders(tmp_path):
-    from bionet_fast.engine.predict_batch import folder_error
+    from bionet_fast.engine.prediction.predict_batch import folder_error
 
     out = tmp_path / "out"
     assert not folder_error(PermissionError(errno.EACCES, "denied", str(tmp_path / "in" / "a.tif")), out)

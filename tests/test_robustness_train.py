@@ -147,7 +147,7 @@ def test_divergence_is_one_clean_error_at_every_lr(tmp_path, capsys, lr):
 
 def test_nonfinite_batchnorm_statistics_are_never_saved(tmp_path, capsys, monkeypatch):
     """Weights finite, BatchNorm statistics not: caught before the epoch's validation and save."""
-    from bionet_fast.engine.trainer import Trainer
+    from bionet_fast.engine.training.trainer import Trainer
 
     real = Trainer.recalibrate_bn
 

@@ -7,10 +7,10 @@ import pytest
 import tifffile
 import torch
 
-from bionet_fast.engine.inference import infer, window_predictor
+from bionet_fast.engine.prediction.inference import infer, window_predictor
 from bionet_fast.engine.precision import autocast_context, default_precision, resolve_precision
-from bionet_fast.engine.slide import ArrayReader, TiffReader, open_slide
-from bionet_fast.engine.streaming import StreamOptions, predict_rows, tissue_mask
+from bionet_fast.engine.prediction.slide import ArrayReader, TiffReader, open_slide
+from bionet_fast.engine.prediction.streaming import StreamOptions, predict_rows, tissue_mask
 from bionet_fast.models import BiONet
 from bionet_fast.predict import main as predict
 
@@ -231,7 +231,7 @@ def test_mpp_picks_the_nearest_pyramid_level(tmp_path):
 def test_streamed_rows_equal_sliding_window_inference(overlap, shape):
     """Any overlap (the accumulator shifts by less or more than half a window) and images smaller
     than the window along one side (padded exactly as the in-memory path pads)."""
-    from bionet_fast.engine.tiling import sliding_window_inference
+    from bionet_fast.engine.prediction.tiling import sliding_window_inference
 
     torch.manual_seed(0)
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 5, padding=2), torch.nn.Sigmoid())
@@ -253,7 +253,7 @@ def _traced_peak(tmp_path, h: int, w: int) -> int:
     blend carry) while a (h, w) tiled TIFF goes through predict_image with a one-layer predictor."""
     import tracemalloc
 
-    from bionet_fast.engine.whole_slide import OutputOptions, predict_image
+    from bionet_fast.engine.prediction.whole_slide import OutputOptions, predict_image
 
     path = tmp_path / f"w{w}.tif"
     tile = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)

@@ -15,11 +15,11 @@ from scipy import ndimage
 
 from bionet_fast.data.synthetic import make_synthetic_nuclei
 from bionet_fast.data.targets import contour_target
-from bionet_fast.engine.instances import InstanceWriter
-from bionet_fast.engine.slide import TiffReader
-from bionet_fast.engine.split import SplitOptions, label_image, resolve_split, split_component
-from bionet_fast.engine.streaming import StreamOptions
-from bionet_fast.engine.whole_slide import OutputOptions, predict_image
+from bionet_fast.engine.prediction.instances import InstanceWriter
+from bionet_fast.engine.prediction.slide import TiffReader
+from bionet_fast.engine.prediction.split import SplitOptions, label_image, resolve_split, split_component
+from bionet_fast.engine.prediction.streaming import StreamOptions
+from bionet_fast.engine.prediction.whole_slide import OutputOptions, predict_image
 
 WS = SplitOptions("watershed")
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bionet_fast.engine.tiling import importance_map, pad_to, pad_to_multiple, sliding_window_inference, window_starts
+from bionet_fast.engine.prediction.tiling import importance_map, pad_to, pad_to_multiple, sliding_window_inference, window_starts
 
 
 def test_window_starts_cover_and_end_flush():

@@ -12,7 +12,7 @@ import torch
 
 from bionet_fast import BiONet
 from bionet_fast.data.synthetic import SyntheticNucleiDataset
-from bionet_fast.engine.inference import infer
+from bionet_fast.engine.prediction.inference import infer
 from bionet_fast.metrics import SegmentationMeter
 from bionet_fast.models.bionet import _EdgeUp, _up
 from bionet_fast.models.config import BiONetConfig
@@ -112,7 +112,7 @@ def test_precise_bn_in_one_batch_makes_eval_mode_reproduce_that_batch(monkeypatc
     batch was normalised with. Averaging the statistics of two half-batches, as precise BN did
     before, does not: each half normalised its upstream layers with its own statistics."""
     from bionet_fast.blocks import reference
-    from bionet_fast.engine.trainer import set_batch_statistics
+    from bionet_fast.engine.training.trainer import set_batch_statistics
 
     torch.manual_seed(0)
     model = BiONet(iterations=4, multiplier=0.25, depth=2, padding_mode="reflect").double()

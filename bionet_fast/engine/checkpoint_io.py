@@ -33,6 +33,7 @@ EMA_PREFIX = "ema."  # the --model-ema weights inside the training state's tenso
 ARGS_JSON = "train_args.json"
 METRICS_JSONL = "metrics.jsonl"
 LAST_WEIGHTS = "last.safetensors"
+EMA_WEIGHTS = "ema.safetensors"  # the --model-ema weights alone (engine.training.ema)
 
 
 # --- atomic writes ------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ class NucleiWidget(QWidget):
 
     def __init__(self, napari_viewer: Any):
         super().__init__()
-        from ..engine.segment import instance_options
+        from ..engine.prediction.segment import instance_options
 
         self.viewer = napari_viewer
         self._models: dict[str, Any] = {}
@@ -134,11 +134,11 @@ class NucleiWidget(QWidget):
 
     def _compute(self, source: str, image: np.ndarray, opts: dict[str, Any]):
         """Worker thread: load the model (once per source), segment the image."""
-        from ..engine.segment import segment_array
+        from ..engine.prediction.segment import segment_array
 
         model = self._models.get(source)
         if model is None:
-            from ..engine.inference import load_model
+            from ..engine.prediction.inference import load_model
 
             model = load_model(source)
             if model is None:

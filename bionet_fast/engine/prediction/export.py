@@ -35,8 +35,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..models.pretrained import inference_info
-from ..utils.files import atomic_write, write_json
+from ...models.pretrained import inference_info
+from ...utils.files import atomic_write, write_json
 
 FORMATS = ("onnx", "torchscript", "exported-program", "openvino")
 ONNX_EXPORTERS = ("auto", "dynamo", "torchscript")  # auto: dynamo, the TorchScript-based one if it fails

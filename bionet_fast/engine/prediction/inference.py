@@ -10,10 +10,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..metrics import PSNRMeter, RandMeter, SegmentationMeter
-from ..models import from_pretrained, load_official
-from ..models.pretrained import looks_like_repo_id
-from .checkpoint_io import ARGS_JSON, read_json
+from ...metrics import PSNRMeter, RandMeter, SegmentationMeter
+from ...models import from_pretrained, load_official
+from ...models.pretrained import looks_like_repo_id
+from ..checkpoint_io import ARGS_JSON, read_json
 from .tiling import sliding_window_inference
 
 TASKS = ("segmentation", "super-resolution")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from .names import SCRATCH_SUFFIXES, is_output_name, output_files
-from .run_lock import RunLock, RunLocked
+from ..run_lock import RunLock, RunLocked
 
 # mkstemp's random part (8 characters of [a-z0-9_]); no dots, so ".s_mask.tif.<random>.tmp" can
 # never be a temporary file of another output name (those all hold a dot of their own suffix)

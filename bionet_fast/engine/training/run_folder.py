@@ -6,10 +6,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..utils.files import remove_stale_temps
-from . import checkpoint_io as tio
-from .checkpoint_io import ARGS_JSON
-from .run_lock import RunLock, print_stale
+from ...utils.files import remove_stale_temps
+from .. import checkpoint_io as tio
+from ..checkpoint_io import ARGS_JSON
+from ..run_lock import RunLock, print_stale
 from .train_config import TrainConfig
 
 # Options a resumed run cannot change (besides the architecture): the data and the sampling of

@@ -13,9 +13,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..utils.files import atomic_write
-
-EMA_WEIGHTS = "ema.safetensors"
+from ...utils.files import atomic_write
+from ..checkpoint_io import EMA_WEIGHTS
 
 
 class ModelEma:

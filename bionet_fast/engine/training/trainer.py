@@ -18,16 +18,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ..data.training import EpochSampler, mix_seed, set_dataset_epoch, uniform_sizes
-from ..models import create_model
+from ...data.training import EpochSampler, mix_seed, set_dataset_epoch, uniform_sizes
+from ...models import create_model
 
-from . import checkpoint_io as tio
-from .cuda_graph import GraphedTrainStep, GraphStepOptions, say_stderr
+from .. import checkpoint_io as tio
+from ..cuda_graph import GraphedTrainStep, GraphStepOptions, say_stderr
 from .divergence import Diverged, NonFiniteLoss, check_grads, check_model, check_value, output_guard  # noqa: F401
 from .finetune import FineTuning, run_inference_info
 from .train_notes import changed_accumulation_note
-from .inference import evaluate_loader, inference_window, pick_device
-from .instance_eval import object_meter
+from ..prediction.inference import evaluate_loader, inference_window, pick_device
+from ..prediction.instance_eval import object_meter
 from .train_config import TrainConfig
 from .plots import plot_curves, plot_samples
 
@@ -132,7 +132,7 @@ class Trainer:
                                           say=say_stderr if rank == 0 else None)
         self.augment = None
         if not cfg.no_augment:
-            from ..data.augment import Augment  # torch only (affine_grid + grid_sample)
+            from ...data.augment import Augment  # torch only (affine_grid + grid_sample)
 
             self.augment = Augment(mask_mode="bilinear" if cfg.task == "super-resolution" else "nearest")
         self.sampler = EpochSampler(len(train), cfg.steps * cfg.batch_size, cfg.seed, rank, world)

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import tifffile
 
-from ..utils.files import atomic_write, commit
+from ...utils.files import atomic_write, commit
 from .pixel_size import nearest_index
 from .writers import TILE, TiledTiffWriter, tiff_resolution
 

@@ -13,7 +13,7 @@ from functools import partial
 
 import numpy as np
 
-from ..metrics import ObjectMeter, label_components
+from ...metrics import ObjectMeter, label_components
 
 __all__ = ["probs_to_instances", "fill_holes", "object_meter"]
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..models.recurrence import run_iterations, segment_ranges
+from ...models.recurrence import run_iterations, segment_ranges
 from .memory_ops import F32, FusedSim, Platform, RefSim
 from .memory_sim import Sym, Tape
 
@@ -129,7 +129,7 @@ class ShapeModel:
     bytes are exact (affine in t, taken from t=1 and t=2 builds)."""
 
     def __init__(self, config):
-        from ..models import BiONet
+        from ...models import BiONet
 
         self.config = config
         with torch.device("meta"):

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.synthetic import make_synthetic_nuclei
-from ..models.hub import model_card_text
-from ..models.pretrained import CONFIG_NAME, WEIGHTS_NAME, inference_info, save_pretrained
-from ..utils.files import atomic_write
+from ...data.synthetic import make_synthetic_nuclei
+from ...models.hub import model_card_text
+from ...models.pretrained import CONFIG_NAME, WEIGHTS_NAME, inference_info, save_pretrained
+from ...utils.files import atomic_write
 from .export import export, reference_copy
 
 __all__ = ["BioimageioReport", "export_bioimageio", "CITATION_URL"]

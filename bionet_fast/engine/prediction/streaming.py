@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from ..data.readers import match_channels, to_float
+from ...data.readers import match_channels, to_float
 from .tiling import importance_map, pad_to, window_grid, window_starts
 
 __all__ = ["StreamOptions", "predict_blocks", "predict_rows", "tissue_mask", "count_windows"]
@@ -83,7 +83,7 @@ def predict_blocks(reader, predictor: Callable[[torch.Tensor], torch.Tensor], in
     predictor: (N, in_channels, h, w) on `sw_device` -> (N, K, h, w). tissue: (thumbnail mask,
     downsample factor); windows without tissue are not run and count as background (p = 0; several
     classes: class 0). classes: K, the output channels (needed when the first windows hold no tissue)."""
-    from ..utils.progress import tqdm
+    from ...utils.progress import tqdm
 
     h, w = reader.shape[:2]
     ph, pw, roi = window_grid(h, w, opts.tile_size, size_multiple)

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from . import openvino_engine
-from .cpu_threads import default_threads
-from .cuda_graph import graphed_forward
-from .precision import autocast_context, prepare_model, resolve_precision
+from ..cpu_threads import default_threads
+from ..cuda_graph import graphed_forward
+from ..precision import autocast_context, prepare_model, resolve_precision
 
 ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 _INSTALL = {"openvino": "pip install 'bionet_fast[openvino]'", "onnxruntime": "pip install 'bionet_fast[onnx]'"}

@@ -7,9 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..models.pretrained import CARD_NAME, CONFIG_NAME
-from .checkpoint_io import RUN_FILES, STATE_JSON
-from .ema import EMA_WEIGHTS
+from ...models.pretrained import CARD_NAME, CONFIG_NAME
+from ..checkpoint_io import EMA_WEIGHTS, RUN_FILES, STATE_JSON
 
 # A folder holding one of these is a model or run folder: its own files are never export targets.
 _MARKERS = (CONFIG_NAME, STATE_JSON)

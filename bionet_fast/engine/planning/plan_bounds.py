@@ -8,7 +8,7 @@ config is built, also before any work.
 """
 from __future__ import annotations
 
-from ..models.config_checks import MAX_ITERATIONS, MAX_TILE
+from ...models.config_checks import MAX_ITERATIONS, MAX_TILE
 
 MAX_BUDGET_T = 64  # --budget searches O(t) checkpoint settings x batch sizes: seconds up to t=64
 MAX_BATCH = 4096

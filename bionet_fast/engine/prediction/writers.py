@@ -23,7 +23,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from ..utils.files import atomic_write
+from ...utils.files import atomic_write
 from .names import safe_name
 
 TILE = 256

@@ -21,7 +21,7 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path, dpi: int = 110) -> None:
-    from ..utils.files import atomic_write
+    from ...utils.files import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
 

@@ -13,9 +13,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..models.config import EXECUTION_FIELDS, InferenceInfo
+from ...models.config import EXECUTION_FIELDS, InferenceInfo
 from .ema import ModelEma
-from .inference import inference_window, load_model
+from ..prediction.inference import inference_window, load_model
 
 # Fields that may differ between the checkpoint and the run: they do not change the tensors.
 # padding_mode is one (the same state dict): an official, zero-padded checkpoint fine-tuned by the

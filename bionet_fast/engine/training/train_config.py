@@ -12,7 +12,7 @@ import argparse
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from ..data.training import DataConfig
+from ...data.training import DataConfig
 
 # Parse-time options that are not options of the run itself (never saved to train_args.json).
 PARSE_ONLY = ("config",)

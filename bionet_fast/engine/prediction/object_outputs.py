@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..utils.files import commit, temp_beside
+from ...utils.files import commit, temp_beside
 from .measurements import shape_features
 from .pixel_size import SlideGeometry
 

@@ -20,8 +20,8 @@ from typing import Optional
 import numpy as np
 import tifffile
 
-from ..data.pixel_size import file_mpp, tiff_mpp
-from ..data.readers import TIFF_EXTS, read_image
+from ...data.pixel_size import file_mpp, tiff_mpp
+from ...data.readers import TIFF_EXTS, read_image
 
 __all__ = ["open_slide", "file_mpp", "TiffReader", "ArrayReader", "OpenSlideReader", "SLIDE_EXTS", "page_shapes"]
 

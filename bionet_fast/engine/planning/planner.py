@@ -22,8 +22,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..models import BiOLinkNet, BiOLinkNetConfig, BiONetConfig
-from ..models.recurrence import segment_ranges
+from ...models import BiOLinkNet, BiOLinkNetConfig, BiONetConfig
+from ...models.recurrence import segment_ranges
 from .memory_ops import Platform
 from .step_model import ITEMSIZE, Checkpointing, ShapeModel, model_bytes, simulate_step
 

@@ -1,0 +1,1 @@
+"""engine.prediction: bioimageio, engines, export, export_target, inference, instance_eval, instances, label_writer, measurements, names, object_outputs, openvino_engine, pixel_size, predict_batch, segment, slide, split, streaming, thumbnail, tiling, whole_slide, writers."""

@@ -1,0 +1,1 @@
+"""engine.training: trainer, train_config, run_folder, ema, finetune, divergence, plots, train_notes."""

@@ -129,14 +129,16 @@ def run(model, x, y, autocast=None):
     return out.detach(), grads
 
 
-@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpoint_iters"])
-@pytest.mark.parametrize("size", [(8, 8), (12, 20)], ids=["deepest2x2", "deepest3x5"])
-def test_float64_reflect_model_equals_reference(ckpt, size):
-    """Outputs, every gradient (input's included) and every BatchNorm buffer, float64; deepest
-    maps 2x2 and 3x5 (depth 1: side / 4)."""
+@pytest.mark.parametrize("ckpt, split", [(False, None), (True, "2")], ids=["plain", "checkpoint_iters-splitK2"])
+def test_float64_reflect_model_equals_reference(ckpt, split, monkeypatch):
+    """Outputs, every gradient (input's included) and every BatchNorm buffer, float64, deepest map
+    2x3 (depth 1: side / 4); with checkpoint_iters and BIONET_FAST_SPLIT_K=2 (split-K forced in
+    every forward and dgrad) in the second case."""
+    if split:
+        monkeypatch.setenv("BIONET_FAST_SPLIT_K", split)
     ref, fused = pair(checkpoint_iters=ckpt)
-    x = torch.rand(2, 3, *size, dtype=torch.float64)
-    y = (torch.rand(2, 1, *size) > 0.5).double()
+    x = torch.rand(2, 3, 8, 12, dtype=torch.float64)
+    y = (torch.rand(2, 1, 8, 12) > 0.5).double()
     (o_ref, g_ref), (o_fused, g_fused) = run(ref, x, y), run(fused, x, y)
     assert rel(o_fused, o_ref) <= 1e-9
     scale = max(g.abs().max().item() for g in g_ref.values() if g is not None)
@@ -149,42 +151,35 @@ def test_float64_reflect_model_equals_reference(ckpt, size):
     assert fused.norms[0].mid[0].num_batches_tracked.item() == 1
 
 
-def test_float64_split_k_and_replicate_model(monkeypatch):
-    """BIONET_FAST_SPLIT_K=2 forces split-K in every forward and dgrad; replicate padding too."""
-    monkeypatch.setenv("BIONET_FAST_SPLIT_K", "2")
-    for mode in ("reflect", "replicate"):
-        ref, fused = pair(mode=mode)
-        x, y = torch.rand(1, 3, 8, 12, dtype=torch.float64), (torch.rand(1, 1, 8, 12) > 0.5).double()
-        (o_ref, g_ref), (o_fused, g_fused) = run(ref, x, y), run(fused, x, y)
-        assert rel(o_fused, o_ref) <= 1e-9, mode
-        for k, want in g_ref.items():
-            if want is not None:
-                assert rel(g_fused[k], want) <= 1e-7, (mode, k)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpoint_iters"])
+@pytest.mark.parametrize("dtype, ckpt", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["fp32-plain", "bf16-checkpoint_iters"])
 def test_low_precision_reflect_model_within_the_references_own_error(dtype, ckpt):
     """fp32 and bf16 autocast training steps: outputs, gradients and running statistics of the fused
-    model no further from the float64 model than the reference backend in the same precision is
-    (train-mode BatchNorm on a tiny batch amplifies rounding), or within a floor."""
+    model no further from the float64 model than twice the reference backend's error in the same
+    precision (train-mode BatchNorm on a tiny batch amplifies rounding), or within a floor."""
     ref, fused = pair(torch.float32, checkpoint_iters=ckpt)
     exact = copy.deepcopy(ref).double()
-    x = torch.rand(2, 3, 12, 12)
-    y = (torch.rand(2, 1, 12, 12) > 0.5).float()
+    x = torch.rand(2, 3, 8, 8)
+    y = (torch.rand(2, 1, 8, 8) > 0.5).float()
     auto = dtype if dtype != torch.float32 else None
     o_true, g_true = run(exact, x.double(), y)
     (o_ref, g_ref), (o_fused, g_fused) = run(ref, x, y, auto), run(fused, x, y, auto)
     floor = 1e-4 if dtype == torch.float32 else 3e-2
-    assert rel(o_fused, o_true) <= max(floor, 2 * rel(o_ref, o_true))
-    err = lambda g: sum((g[k].double() - v).norm() ** 2 for k, v in g_true.items() if v is not None) ** 0.5  # noqa: E731
+    errs = {"out": (rel(o_fused, o_true), rel(o_ref, o_true))}
     total = sum(v.norm() ** 2 for v in g_true.values() if v is not None) ** 0.5
-    assert err(g_fused) / total <= max(floor, 2 * err(g_ref) / total)
+
+    def err(g):
+        return (sum((g[k].double() - v).norm() ** 2 for k, v in g_true.items() if v is not None) ** 0.5
+                / total).item()
+
+    errs["grads"] = (err(g_fused), err(g_ref))
     for (k, a), (_, b), (_, r) in zip(exact.named_buffers(), fused.named_buffers(), ref.named_buffers()):
         if a.dtype.is_floating_point:
-            assert rel(b, a) <= max(floor, 2 * rel(r, a)), k
+            errs[k] = (rel(b, a), rel(r, a))
         else:
             assert torch.equal(a, b), k
+    bad = {k: v for k, v in errs.items() if v[0] > max(floor, 2 * v[1])}
+    assert not bad, bad  # (fused error, reference error)
 
 
 def test_eval_and_inference_cache_reflect():

@@ -110,7 +110,8 @@ def dgrad_border_fixup(dy: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, 
         for dim, i, v in strips:
             v = v[:, c0:c0 + c]
             dv = v if s is None else v * s.to(v.dtype)[None, :, None]
-            dx.select(dim, i).add_(dv.to(dx.dtype))
+            row = dx.select(dim, i)
+            row.copy_(row.to(dv.dtype) + dv)  # summed wide, rounded once to dx's dtype
             ds[c0:c0 + c] += (v * x.select(dim, i).to(v.dtype)).sum((0, 2)).to(ds.dtype)
             db[c0:c0 + c] += v.sum((0, 2)).to(db.dtype)
         c0 += c

@@ -184,9 +184,11 @@ def test_low_precision_reflect_model_within_the_references_own_error(dtype, ckpt
 
 def test_eval_and_inference_cache_reflect():
     """Eval mode without grad (the inference cache: folded weights, cached affines, the padded UP)."""
-    ref, fused = pair()
+    ref, fused = pair(bn_momentum=1.0)
+    batch = torch.rand(2, 3, 8, 8, dtype=torch.float64)
     for m in (ref, fused):
-        m.train()(torch.rand(2, 3, 8, 8, dtype=torch.float64))  # non-trivial running statistics
+        with torch.no_grad():
+            m.train()(batch)  # non-trivial running statistics (momentum 1: the batch's own)
         m.eval()
     x = torch.rand(1, 3, 12, 8, dtype=torch.float64)
     with torch.no_grad():

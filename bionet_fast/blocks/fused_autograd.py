@@ -107,7 +107,8 @@ class ConvReluFn(torch.autograd.Function):
     """y = relu(conv3x3(cat(pad0(x1*s1+b1), pad0(x2*s2+b2))) + bias), plus BN statistics of y.
 
     forward(x1 (B,C1,H,W), s1, b1 (C1,)|None, x2 (B,C2,H,W)|None, s2, b2 (C2,)|None,
-            weight (Cout,C1+C2,3,3), bias (Cout,)|None, want_stats, packed_weight|None)
+            weight (Cout,C1+C2,3,3), bias (Cout,)|None, want_stats, packed_weight|None, folded|None,
+            pad ("zeros", "reflect", "replicate": how conv3x3 pads, after the affines))
         -> y (B,Cout,H,W) channels_last, mean (Cout,)|None, m2 (Cout,)|None (non-differentiable).
     """
 

@@ -57,13 +57,13 @@ class Launch:
 # One builder per kernel: (GPU-mode modules, torch compute dtype, (C1, C2, COUT)) -> Launch, mirroring
 # its host wrapper as the model calls it under autocast: activations in the compute dtype; conv bias,
 # BatchNorm scale/shift/statistics and the fp32 master weight that fold_affine reads in fp32.
-def _conv_fwd(m, dt, ch):
+def _conv_fwd(m, dt, ch, pad=0):
     c1, c2, co = ch
     u, pix = m._utils, BATCH * HEIGHT * WIDTH
     return Launch(
         m.conv_fwd._conv3x3_fwd_kernel, ("x1_ptr", "x2_ptr", "w_ptr", "bt_ptr", "y_ptr"),
         # conv3x3_fwd with an x2, pending affines (TAP_BIAS), a bias and statistics: the widest variant.
-        dict(HAS_X2=c2 > 0, TAP_BIAS=True, HAS_BIAS=True, WANT_STATS=True, ACC=u.acc_dtype(dt),
+        dict(HAS_X2=c2 > 0, TAP_BIAS=True, HAS_BIAS=True, PAD=pad, WANT_STATS=True, ACC=u.acc_dtype(dt),
              PRECISION=u.dot_precision(dt), UPCAST=u.dot_upcast(dt)),
         dict(M=pix, H=HEIGHT, W=WIDTH, C1=c1, C2=c2, COUT=co, M_BUCKET=_next_pow2(pix),
              **_nhwc("sx1_", c1), **_nhwc("sx2_", c2 or c1), **_nhwc("sy_", co)),
@@ -97,7 +97,7 @@ def _dgrad(m, dt, ch):
         prune_args=_split_prune(m, ch, cin))
 
 
-def _wgrad(m, dt, ch):
+def _wgrad(m, dt, ch, pad=0):
     import torch
 
     c1, c2, co = ch
@@ -105,9 +105,19 @@ def _wgrad(m, dt, ch):
     _, chunk = u.wgrad_split(pix, co, cin, torch.device("cpu"))
     return Launch(
         m.conv_bwd._wgrad_kernel, ("dy_ptr", "y_ptr", "x1_ptr", "x2_ptr"),
-        dict(HAS_X2=c2 > 0, HAS_A1=True, HAS_A2=c2 > 0, **u.dot_meta(dt)),
+        dict(HAS_X2=c2 > 0, HAS_A1=True, HAS_A2=c2 > 0, PAD=pad, **u.dot_meta(dt)),
         dict(H=HEIGHT, W=WIDTH, P=pix, C_OUT=co, C1=c1, C_IN=cin, CHUNK=chunk, P_BUCKET=u.size_bucket(pix),
              **_nhwc("sdy_", co), **_nhwc("sy_", co), **_nhwc("sx1_", c1), **_nhwc("sx2_", c2 or c1)))
+
+
+def _conv_fwd_reflect(m, dt, ch):
+    # padding_mode="reflect" (kernels/padding.py: PAD=1): the load index and the tap bias change;
+    # replicate (PAD=2) compiles alike. dgrad has no padded variant (its ring is added on the host).
+    return _conv_fwd(m, dt, ch, pad=1)
+
+
+def _wgrad_reflect(m, dt, ch):
+    return _wgrad(m, dt, ch, pad=1)
 
 
 def _fwd_reduce(m, dt, ch):
@@ -181,6 +191,8 @@ KERNELS = {
     "fold": KernelSpec("_fold_kernel", _fold, ("bf16", "fp16", "fp32")),
     "dgrad": KernelSpec("_dgrad_kernel", _dgrad, ("bf16", "fp16", "fp32"), gemm=True),
     "wgrad": KernelSpec("_wgrad_kernel", _wgrad, ("bf16", "fp16", "fp32"), gemm=True),
+    "conv_fwd_reflect": KernelSpec("_conv3x3_fwd_jit", _conv_fwd_reflect, ("bf16", "fp32"), gemm=True),
+    "wgrad_reflect": KernelSpec("_wgrad_kernel", _wgrad_reflect, ("bf16", "fp32"), gemm=True),
     "fwd_splitk_reduce": KernelSpec("_fwd_reduce_kernel", _fwd_reduce, ("bf16", "fp16", "fp32")),
     "dgrad_splitk_reduce": KernelSpec("_dgrad_reduce_kernel", _dgrad_reduce, ("bf16", "fp16", "fp32")),
     "bn_merge": KernelSpec("_merge_kernel", _merge, ("fp32",)),

@@ -10,9 +10,12 @@
 # 4. bench/graph_step.py: the train step replayed from a CUDA graph (--cuda-graph) beside eager, both
 #    backends, t = 1, 3, 8 at batch 2 and 8 -> OUTDIR/graph_step.txt, new cases started for
 #    GRAPH_STEP_S seconds (default 50, killed at +30); its CUDA twin test runs with the GPU tests
-# 5. bench/run_device.sh OUTDIR --budget BUDGET_S (default 160): latency, memory, the 8 GiB search,
+# 5. bench/reflect_step.py: the default recipe's train step (reflect padding, t=5, checkpoint_iters),
+#    fused vs reference, reflect beside zeros, fp32 and bf16 -> OUTDIR/reflect_step.txt, new rows
+#    started for REFLECT_STEP_S seconds (default 30, killed at +30)
+# 6. bench/run_device.sh OUTDIR --budget BUDGET_S (default 130): latency, memory, the 8 GiB search,
 #    saved bytes; its Markdown table is printed last.
-# Worst case 130 + 110 + 80 + 160 s + installs and start-up: under 8 minutes.
+# Worst case 130 + 110 + 80 + 60 + 130 s + installs and start-up: under 8 minutes.
 # Without CUDA it is a dry run (tests skip, run_device.sh runs its tiny CPU profile).
 set -u
 if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
@@ -37,7 +40,7 @@ cat "$OUTDIR/env.txt"
 TRITON_INTERPRET=0 BIONET_FAST_AUTOTUNE=0 timeout "${GPU_TESTS_S:-130}" "$PY" -m pytest -q -p no:cacheprovider \
     -k "gpu or cuda" tests/test_kernels_fwd.py tests/test_kernels_bwd.py tests/test_kernels_splitk.py \
     tests/test_fused_blocks.py tests/test_fused_model.py tests/test_compose.py tests/test_checkpointing.py \
-    tests/test_planner.py tests/test_backend_choice.py \
+    tests/test_planner.py tests/test_backend_choice.py tests/test_fused_reflect.py \
     tests/test_cuda_graph.py::test_cuda_graphed_steps_equal_eager_steps_gpu > "$OUTDIR/gpu_tests.txt" 2>&1
 echo "GPU tests: exit $? after $(( $(date +%s) - START )) s (OUTDIR/gpu_tests.txt):"
 tail -n 25 "$OUTDIR/gpu_tests.txt"
@@ -53,9 +56,14 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
         bench/graph_step.py --budget "$GS" > "$OUTDIR/graph_step.txt" 2>&1
     echo "graph_step.py (CUDA-graph train step beside eager): exit $? after $(( $(date +%s) - START )) s:"
     cat "$OUTDIR/graph_step.txt"
+    RS="${REFLECT_STEP_S:-30}"
+    PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" timeout $(( RS + 30 )) "$PY" \
+        bench/reflect_step.py --budget "$RS" > "$OUTDIR/reflect_step.txt" 2>&1
+    echo "reflect_step.py (default recipe train step, fused vs reference): exit $? after $(( $(date +%s) - START )) s:"
+    cat "$OUTDIR/reflect_step.txt"
 fi
 
-bash bench/run_device.sh "$OUTDIR" --budget "${BUDGET_S:-160}" "$@"
+bash bench/run_device.sh "$OUTDIR" --budget "${BUDGET_S:-130}" "$@"
 rc=$?
 echo "gpu_session.sh: $(( $(date +%s) - START )) s in all (run_device.sh exit $rc)"
 exit $rc

@@ -35,6 +35,7 @@ from . import _bwd_utils as U
 from . import splitk
 from ._utils import round_to
 from .epilogues import dgrad_epilogue
+from .padding import check_pad, dgrad_border_fixup, pad_index, padded
 
 Tensor = torch.Tensor
 
@@ -132,7 +133,7 @@ def _wgrad_kernel(dy_ptr, y_ptr, x1_ptr, x2_ptr, s1_ptr, b1_ptr, s2_ptr, b2_ptr,
                   H, W, P, C_OUT, C1, C_IN, CHUNK, P_BUCKET,
                   sdy_b, sdy_c, sdy_h, sdy_w, sy_b, sy_c, sy_h, sy_w,
                   sx1_b, sx1_c, sx1_h, sx1_w, sx2_b, sx2_c, sx2_h, sx2_w,
-                  HAS_X2: tl.constexpr, HAS_A1: tl.constexpr, HAS_A2: tl.constexpr,
+                  HAS_X2: tl.constexpr, HAS_A1: tl.constexpr, HAS_A2: tl.constexpr, PAD: tl.constexpr,
                   DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Partial dW[split, co, tap, ci] over one chunk of pixels; K = pixels of the chunk."""
@@ -183,10 +184,15 @@ def _wgrad_kernel(dy_ptr, y_ptr, x1_ptr, x2_ptr, s1_ptr, b1_ptr, s2_ptr, b2_ptr,
         g = tl.load(dy_ptr + o_dy[:, None] + co[None, :] * sdy_c, mask=msk, other=0.0)
         yv = tl.load(y_ptr + o_y[:, None] + co[None, :] * sy_c, mask=msk, other=0.0)
         dz = tl.where(yv > 0, g, tl.zeros_like(g))  # (BLOCK_K, BLOCK_M), ReLU mask on load
-        # A at the tap's source pixel, rebuilt from x: affine first, then the zero padding.
+        # A at the tap's source pixel, rebuilt from x: affine first, then the padding (zeros:
+        # masked; reflect / replicate: the mirrored / clamped pixel, kernels/padding.py).
         hs = h + kh - 1
         ws = w + kw - 1
-        ok = p_ok & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+        ok = p_ok
+        if PAD == 0:
+            ok = ok & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+        hs = pad_index(hs, H, PAD)
+        ws = pad_index(ws, W, PAD)
         o1 = b * sx1_b + hs * sx1_h + ws * sx1_w
         xa = tl.load(x1_ptr + o1[:, None] + ci[None, :] * sx1_c,
                      mask=ok[:, None] & in1[None, :], other=0.0).to(ACC)
@@ -241,7 +247,7 @@ def _dgrad_launch(dy, y, wt, x1, x2, s1, s2, dx1, dx2, ds_part, db_part, c1: int
 
 def conv3x3_dgrad(dy: Tensor, y: Tensor, weight: Tensor, c1: int, x1: Tensor,
                   x2: Optional[Tensor] = None, s1: Optional[Tensor] = None,
-                  s2: Optional[Tensor] = None, *, split_k: Optional[int] = None):
+                  s2: Optional[Tensor] = None, *, split_k: Optional[int] = None, pad: str = "zeros"):
     """Input-side gradients of a fused block, without materialising dz or dA.
 
     dy, y: (B, Cout, H, W) gradient of the ReLU output and the ReLU output (for the mask);
@@ -253,9 +259,12 @@ def conv3x3_dgrad(dy: Tensor, y: Tensor, weight: Tensor, c1: int, x1: Tensor,
     split_k: force a deterministic split-K of the 9*Cout loop into this many slices on the pinned
     tile (kernels/splitk.py; tests, benchmarks); None = BIONET_FAST_SPLIT_K if set, else the
     autotuner's choice (split configs only where output tiles are fewer than SMs).
+    pad: the forward's padding ("zeros", "reflect", "replicate"): the kernel computes the direct
+    terms, kernels/padding.dgrad_border_fixup adds the mirrored / clamped ones.
     """
     U.check_device(dy, y, weight, x1, x2, s1, s2)
     bsz, c_out, h, w = U.check_pair(dy, y)
+    pad_c = check_pad(pad, h, w)
     c_in = U.check_weight(weight, c_out)
     if x2 is None and c1 != c_in:
         raise ValueError(f"c1={c1} but weight has {c_in} input channels and x2 is None; "
@@ -278,6 +287,9 @@ def conv3x3_dgrad(dy: Tensor, y: Tensor, weight: Tensor, c1: int, x1: Tensor,
         ds_part, db_part = _dgrad_launch(dy, y, wt, x1, x2, s1, s2, dx1, dx2, ds_part, db_part, c1,
                                          splitk.forced(split_k))
         ds, db = ds_part.sum(0), db_part.sum(0)  # fixed-order sum of the launched config's tiles
+        if pad_c:
+            halves = [(x1, s1, dx1)] + ([(x2, s2, dx2)] if x2 is not None else [])
+            dgrad_border_fixup(dy, y, weight, pad, halves, ds, db)
     else:
         ds = db = torch.zeros(c_in, device=dy.device, dtype=acc)
     if x2 is None:
@@ -288,7 +300,7 @@ def conv3x3_dgrad(dy: Tensor, y: Tensor, weight: Tensor, c1: int, x1: Tensor,
 def conv3x3_wgrad(dy: Tensor, y: Tensor, x1: Tensor, x2: Optional[Tensor] = None,
                   s1: Optional[Tensor] = None, b1: Optional[Tensor] = None,
                   s2: Optional[Tensor] = None, b2: Optional[Tensor] = None,
-                  *, split_k: Optional[int] = None):
+                  *, split_k: Optional[int] = None, pad: str = "zeros"):
     """Weight and bias gradients of a fused block, A rebuilt from x on the fly.
 
     dy, y: (B, Cout, H, W); x1: (B, C1, H, W), x2: (B, C2, H, W) or None; s_k, b_k: (C_k,)
@@ -302,6 +314,7 @@ def conv3x3_wgrad(dy: Tensor, y: Tensor, x1: Tensor, x2: Optional[Tensor] = None
     bsz, c_out, h, w = U.check_pair(dy, y)
     c1 = U.check_input("x1", x1, bsz, h, w)
     c_in = c1 + (U.check_input("x2", x2, bsz, h, w) if x2 is not None else 0)
+    pad_c = check_pad(pad, h, w)
     for name, v, c in (("s1", s1, c1), ("b1", b1, c1), ("s2", s2, c_in - c1), ("b2", b2, c_in - c1)):
         U.check_affine(name, v, c)
     if x2 is None and (s2 is not None or b2 is not None):
@@ -329,7 +342,7 @@ def conv3x3_wgrad(dy: Tensor, y: Tensor, x1: Tensor, x2: Optional[Tensor] = None
             dw_part, db_part,
             h, w, pixels, c_out, c1, c_in, chunk, U.size_bucket(pixels),
             *dy.stride(), *y.stride(), *x1.stride(), *_strides(x2, x1),
-            HAS_X2=x2 is not None, HAS_A1=s1 is not None, HAS_A2=s2 is not None,
+            HAS_X2=x2 is not None, HAS_A1=s1 is not None, HAS_A2=s2 is not None, PAD=pad_c,
             **U.dot_meta(dy.dtype))
         dw, dbias = dw_part.sum(0), db_part.sum(0)  # fixed-order reduction over the splits
     else:
@@ -345,11 +358,17 @@ def _affine(x: Tensor, s: Optional[Tensor], b: Optional[Tensor]) -> Tensor:
 
 def conv3x3_dgrad_reference(dy: Tensor, y: Tensor, weight: Tensor, c1: int, x1: Tensor,
                             x2: Optional[Tensor] = None, s1: Optional[Tensor] = None,
-                            s2: Optional[Tensor] = None):
-    """torch.nn.grad version of conv3x3_dgrad, computed in dy's dtype (pass float64 for tests)."""
+                            s2: Optional[Tensor] = None, pad: str = "zeros"):
+    """torch.nn.grad version of conv3x3_dgrad, computed in dy's dtype (pass float64 for tests);
+    other padding modes by autograd through torch's pad (the adjoint of the padding)."""
     dz = dy * (y > 0)
-    dA = torch.nn.grad.conv2d_input((dy.shape[0], weight.shape[1], *dy.shape[2:]),
-                                    weight.to(dz.dtype), dz, padding=1)
+    shape = (dy.shape[0], weight.shape[1], *dy.shape[2:])
+    if pad == "zeros":
+        dA = torch.nn.grad.conv2d_input(shape, weight.to(dz.dtype), dz, padding=1)
+    else:  # conv(pad(A)) is linear in A: its gradient at A = 0 is the adjoint
+        with torch.enable_grad():
+            a = torch.zeros(shape, dtype=dz.dtype, device=dz.device, requires_grad=True)
+            (dA,) = torch.autograd.grad(torch.nn.functional.conv2d(padded(a, pad), weight.to(dz.dtype)), a, dz)
     out = []
     for dA_k, x_k, s_k in ((dA[:, :c1], x1, s1), (dA[:, c1:], x2, s2)):
         if x_k is None:
@@ -363,12 +382,12 @@ def conv3x3_dgrad_reference(dy: Tensor, y: Tensor, weight: Tensor, c1: int, x1: 
 
 def conv3x3_wgrad_reference(dy: Tensor, y: Tensor, x1: Tensor, x2: Optional[Tensor] = None,
                             s1: Optional[Tensor] = None, b1: Optional[Tensor] = None,
-                            s2: Optional[Tensor] = None, b2: Optional[Tensor] = None):
+                            s2: Optional[Tensor] = None, b2: Optional[Tensor] = None, pad: str = "zeros"):
     """torch.nn.grad version of conv3x3_wgrad, computed in dy's dtype -> (dweight, dbias)."""
     dz = dy * (y > 0)
     parts = [_affine(x1.to(dz.dtype), s1, b1)]
     if x2 is not None:
         parts.append(_affine(x2.to(dz.dtype), s2, b2))
-    a = torch.cat(parts, dim=1)  # conv2d's padding zeroes A after the affine, as in the block
-    dw = torch.nn.grad.conv2d_weight(a, (dy.shape[1], a.shape[1], 3, 3), dz, padding=1)
+    a = padded(torch.cat(parts, dim=1), pad)  # padded after the affine, as in the block
+    dw = torch.nn.grad.conv2d_weight(a, (dy.shape[1], a.shape[1], 3, 3), dz, padding=0)
     return dw, dz.sum((0, 2, 3))

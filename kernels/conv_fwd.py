@@ -43,6 +43,7 @@ from ._utils import (acc_dtype, autotune_pinned, check_activation, check_channel
 from .bn_stats import merge_partials
 from .epilogues import fwd_epilogue
 from .fold import _check_folded, _fold_kernel, fold_affine, pack_weight  # noqa: F401 (re-exported)
+from .padding import check_pad, conv3x3_padded, pad_index
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). `_prune` clamps BLOCK_N / BLOCK_K to the
 # channel counts (c0 = 32 levels, the 3-channel input), so these also cover the narrow layers;
@@ -119,13 +120,14 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _accumulate(acc, x_ptr, w_ptr, c_off, C, CIN, COUT, b, oh, ow, m_mask, offs_n, n_mask,
                 H, W, sb, sc, sh, sw, it_lo, it_hi, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, PAD: tl.constexpr):
     """acc (BLOCK_M, BLOCK_N) += sum over iterations [it_lo, it_hi) of the 9 taps x C channels of
     one input half (all of them: 0, 9 * cdiv(C, BLOCK_K); a split-K slice: part of them).
 
     One flat loop over (tap, channel block) so the software pipeline spans all 9 taps even when
     C fits in a single block. w_ptr is the packed weight (9, CIN, COUT); this half's channels start
-    at c_off in it. Out-of-image taps load 0 (zero padding).
+    at c_off in it. Out-of-image taps load 0 (PAD 0, zero padding) or the pixel they mirror /
+    clamp to (PAD 1 reflect / 2 replicate, kernels/padding.py).
     """
     nk = tl.cdiv(C, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
@@ -135,7 +137,11 @@ def _accumulate(acc, x_ptr, w_ptr, c_off, C, CIN, COUT, b, oh, ow, m_mask, offs_
         k_mask = ck < C
         ih = oh + (tap // 3 - 1)
         iw = ow + (tap % 3 - 1)
-        valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        valid = m_mask
+        if PAD == 0:
+            valid = valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih = pad_index(ih, H, PAD)
+        iw = pad_index(iw, W, PAD)
         a_ptrs = x_ptr + (b * sb + ih * sh + iw * sw)[:, None] + (ck * sc)[None, :]
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         w_ptrs = w_ptr + ((tap * CIN + c_off + ck) * COUT)[:, None] + offs_n[None, :]
@@ -146,14 +152,18 @@ def _accumulate(acc, x_ptr, w_ptr, c_off, C, CIN, COUT, b, oh, ow, m_mask, offs_
 
 @triton.jit
 def _add_tap_bias(acc, bt_ptr, oh, ow, m_mask, offs_n, n_mask, H, W, COUT,
-                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, PAD: tl.constexpr):
     """acc += sum over in-image taps of Bt[tap] as one K=32 dot: A[m, j] = tap j%9 of pixel m is
-    inside the image (j < 18: rows 0-8 hold Bt's hi part, 9-17 its lo part), B = bt (18, COUT)."""
+    inside the image (j < 18: rows 0-8 hold Bt's hi part, 9-17 its lo part), B = bt (18, COUT).
+    Reflect / replicate padding pads AFTER the affine too, but every tap then reads an affine
+    pixel: all nine taps count."""
     j = tl.arange(0, 32)
-    tap = j % 9
-    ih = oh[:, None] + (tap // 3 - 1)[None, :]
-    iw = ow[:, None] + (tap % 3 - 1)[None, :]
-    inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & (j < 18)[None, :] & m_mask[:, None]
+    inside = (j < 18)[None, :] & m_mask[:, None]
+    if PAD == 0:
+        tap = j % 9
+        ih = oh[:, None] + (tap // 3 - 1)[None, :]
+        iw = ow[:, None] + (tap % 3 - 1)[None, :]
+        inside = inside & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     bt = tl.load(bt_ptr + j[:, None] * COUT + offs_n[None, :],
                  mask=(j < 18)[:, None] & n_mask[None, :], other=0.0)
     # via fp32: Triton 3.9's interpreter mis-converts bool -> bf16
@@ -165,7 +175,7 @@ def _conv3x3_fwd_jit(
         x1_ptr, x2_ptr, w_ptr, bt_ptr, bias_ptr, y_ptr, pmean_ptr, pm2_ptr, part_ptr,
         M, H, W, C1, C2, COUT, M_BUCKET,
         sx1_b, sx1_c, sx1_h, sx1_w, sx2_b, sx2_c, sx2_h, sx2_w, sy_b, sy_c, sy_h, sy_w,
-        HAS_X2: tl.constexpr, TAP_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_X2: tl.constexpr, TAP_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, PAD: tl.constexpr,
         WANT_STATS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     # N-tiles of the same M-tile are adjacent program ids: they read the same input rows, which
@@ -196,18 +206,18 @@ def _conv3x3_fwd_jit(
         lo1, hi1 = tl.minimum(lo, t1), tl.minimum(lo + per, t1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc = _accumulate(acc, x1_ptr, w_ptr, 0, C1, cin, COUT, b, oh, ow, m_mask, offs_n, n_mask,
-                      H, W, sx1_b, sx1_c, sx1_h, sx1_w, lo1, hi1, PRECISION, UPCAST, BLOCK_K)
+                      H, W, sx1_b, sx1_c, sx1_h, sx1_w, lo1, hi1, PRECISION, UPCAST, BLOCK_K, PAD)
     if HAS_X2:
         lo2, hi2 = 0, 9 * tl.cdiv(C2, BLOCK_K)
         if SPLIT_K > 1:
             lo2, hi2 = tl.maximum(lo - t1, 0), tl.minimum(tl.maximum(lo + per - t1, 0), hi2)
         acc = _accumulate(acc, x2_ptr, w_ptr, C1, C2, cin, COUT, b, oh, ow, m_mask, offs_n, n_mask,
-                          H, W, sx2_b, sx2_c, sx2_h, sx2_w, lo2, hi2, PRECISION, UPCAST, BLOCK_K)
+                          H, W, sx2_b, sx2_c, sx2_h, sx2_w, lo2, hi2, PRECISION, UPCAST, BLOCK_K, PAD)
     if TAP_BIAS:
         if SPLIT_K == 1:
-            acc = _add_tap_bias(acc, bt_ptr, oh, ow, m_mask, offs_n, n_mask, H, W, COUT, PRECISION, UPCAST)
+            acc = _add_tap_bias(acc, bt_ptr, oh, ow, m_mask, offs_n, n_mask, H, W, COUT, PRECISION, UPCAST, PAD)
         elif tl.program_id(1) == SPLIT_K - 1:  # one slice adds the folded shift (the last: shortest)
-            acc = _add_tap_bias(acc, bt_ptr, oh, ow, m_mask, offs_n, n_mask, H, W, COUT, PRECISION, UPCAST)
+            acc = _add_tap_bias(acc, bt_ptr, oh, ow, m_mask, offs_n, n_mask, H, W, COUT, PRECISION, UPCAST, PAD)
 
     if SPLIT_K == 1:
         fwd_epilogue(acc, pid_m, offs_n, m_mask, n_mask, b, oh, ow, bias_ptr, y_ptr, pmean_ptr, pm2_ptr,
@@ -245,7 +255,7 @@ def conv3x3_fwd(x1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                 b1: Optional[torch.Tensor] = None, s2: Optional[torch.Tensor] = None,
                 b2: Optional[torch.Tensor] = None, *, want_stats: bool = True,
                 packed_weight: Optional[torch.Tensor] = None, folded: Optional[tuple] = None,
-                split_k: Optional[int] = None):
+                split_k: Optional[int] = None, pad: str = "zeros"):
     """Fused conv3x3(pad 1) + bias + ReLU with BatchNorm statistics of the result.
 
     Args:
@@ -264,12 +274,15 @@ def conv3x3_fwd(x1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         split_k: force a deterministic split-K into this many K slices (kernels/splitk.py) on the
             pinned tile (tests, benchmarks); None = BIONET_FAST_SPLIT_K if set, else the autotuner's
             choice (split configs only where output tiles are fewer than SMs; never when pinned).
+        pad: how the one-pixel border is filled, after the affine: "zeros", "reflect" (sides >= 2)
+            or "replicate" (kernels/padding.py).
     Returns:
         y (B, Cout, H, W) in x1's dtype, channels_last; mean (Cout,) and m2 (Cout,) (sum of squared
         deviations from the mean over B*H*W) in fp32 (fp64 for fp64 input), or None, None.
     """
     check_activation("x1", x1)
     bsz, c1, h, w = x1.shape
+    pad_c = check_pad(pad, h, w)
     c2 = 0
     if x2 is not None:
         check_activation("x2", x2)
@@ -318,7 +331,7 @@ def conv3x3_fwd(x1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     part = splitk.workspace(m, m_bucket, cout, x1, sdt, kernel.configs, split)
     args = (x1, x2_, wp, wp if bt is None else bt, dummy if bias is None else bias, y, pmean, pm2,
             part, m, h, w, c1, c2, cout, m_bucket, *x1.stride(), *x2_.stride(), *y.stride())
-    consts = dict(HAS_X2=x2 is not None, TAP_BIAS=has_affine, HAS_BIAS=bias is not None,
+    consts = dict(HAS_X2=x2 is not None, TAP_BIAS=has_affine, HAS_BIAS=bias is not None, PAD=pad_c,
                   WANT_STATS=want_stats, ACC=acc_dtype(x1.dtype), PRECISION=dot_precision(x1.dtype),
                   UPCAST=dot_upcast(x1.dtype))
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),  # noqa: E731
@@ -336,7 +349,7 @@ def conv3x3_fwd(x1: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 
 def conv3x3_fwd_reference(x1, weight, bias, x2=None, s1=None, b1=None, s2=None, b2=None,
-                          dtype: torch.dtype = torch.float64):
+                          dtype: torch.dtype = torch.float64, pad: str = "zeros"):
     """The same computation in torch, in ``dtype`` (float64 by default) for tests.
 
     Emulates the kernel's operand rounding: the affine is computed in fp32 (or fp64) and rounded to
@@ -354,8 +367,7 @@ def conv3x3_fwd_reference(x1, weight, bias, x2=None, s1=None, b1=None, s2=None, 
     a = affine(x1, s1, b1)
     if x2 is not None:
         a = torch.cat([a, affine(x2, s2, b2)], dim=1)
-    z = torch.nn.functional.conv2d(a, weight.to(op).to(dtype),
-                                   None if bias is None else bias.to(dtype), padding=1)
+    z = conv3x3_padded(a, weight.to(op).to(dtype), None if bias is None else bias.to(dtype), pad)
     y = torch.relu(z)
     mean = y.mean(dim=(0, 2, 3))
     m2 = ((y - mean[None, :, None, None]) ** 2).sum(dim=(0, 2, 3))

@@ -170,3 +170,13 @@ def test_report_renders_every_table_with_the_official_numbers():
     assert "| reference | fp32, eager | 9 (peak 7900 MiB) | 9 |" in text
     assert "190.0 ms / 1700 MiB" in text and "skipped (budget)" in text
     assert "ModuleNotFoundError: no fused" in text and "--no-compile" in text
+
+
+def test_reflect_step_quick_prints_every_row(capsys, one_thread):
+    """bench/reflect_step.py (run by gpu_session.sh): the CPU dry run fills its table."""
+    from bench import reflect_step
+
+    assert reflect_step.main(["--quick"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| reflect") or
+            line.startswith("| zeros")]
+    assert len(rows) == 4 and not any("error" in r for r in rows), rows

@@ -47,9 +47,9 @@ def test_default_padding_is_the_official_zeros_and_weights_are_shared():
     assert not torch.allclose(zeros(x), reflect(x))
     with pytest.raises(ValueError, match="padding_mode='circular'"):
         BiONetConfig(padding_mode="circular")
-    with pytest.raises(ValueError, match="triton backend pads with zeros"):
-        BiONet(depth=2, multiplier=0.25, padding_mode="reflect",
-               backend="triton").resolved_backend(torch.device("cpu"))
+    # the fused kernels pad by reflection too (issue 21): triton is no longer refused
+    assert BiONet(depth=2, multiplier=0.25, padding_mode="reflect",
+                  backend="triton").resolved_backend(torch.device("cpu")) == "triton"
 
 
 def test_edge_up_is_the_official_up_but_for_its_last_row_and_column():

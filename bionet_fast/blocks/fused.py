@@ -18,7 +18,6 @@ import os
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bionet_fast.kernels.bn_stats import bn_eval_affine, bn_finalize, bn_stats
@@ -26,7 +25,7 @@ from bionet_fast.kernels.conv_fwd import fold_affine, pack_weight
 
 from . import stats_update_enabled
 from .fused_autograd import (BNAffineFn, ConvReluFn, DownFn, Pending, SignedMaxPoolFn, UpFn,  # noqa: F401
-                             set_triton_backward, triton_backward_enabled)
+                             set_triton_backward, triton_backward_enabled, up_conv)
 from .inference_cache import InferenceCache
 
 # torch.compile does not trace into the fused blocks: they launch their own (autotuned) Triton
@@ -39,13 +38,20 @@ _opaque_to_compile = torch.compiler.disable
 RECOMPUTE_DOWN = os.environ.get("BIONET_FAST_RECOMPUTE_DOWN", "1") != "0"
 
 
-def _check_conv(conv: nn.Module) -> None:
+#: the 3x3 convs' padding modes the kernels implement (kernels/padding.py)
+FUSED_PADDING = ("zeros", "reflect", "replicate")
+
+
+def _check_conv(conv: nn.Module) -> str:
+    """The conv's padding mode, after checking that the kernels compute this conv."""
     ok = (isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1)
           and tuple(conv.padding) == (1, 1) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
-          and conv.padding_mode == "zeros")
+          and conv.padding_mode in FUSED_PADDING)
     if not ok:
         raise ValueError(f"FusedOps.block fuses only nn.Conv2d(kernel_size=3, padding=1, stride=1, "
-                         f"groups=1, zero padding); got {conv!r}. Use the reference backend for others.")
+                         f"groups=1, padding_mode in {FUSED_PADDING}); got {conv!r}. Use the reference "
+                         "backend for others.")
+    return conv.padding_mode
 
 
 class FusedOps:
@@ -162,7 +168,7 @@ class FusedOps:
         """cat(xs) (B, sum C_i, H, W) -> conv3x3 -> ReLU -> BN, BN left pending: (B, C_out, H, W)."""
         if len(xs) not in (1, 2):
             raise ValueError(f"FusedOps.block takes 1 or 2 inputs to concatenate, got {len(xs)}.")
-        _check_conv(conv)
+        pad = _check_conv(conv)
         dt = self._dtype(xs[0].raw)
         x1 = xs[0]
         x2 = xs[1] if len(xs) == 2 else Pending(None)
@@ -171,7 +177,7 @@ class FusedOps:
         packed = None if folded is not None else self._packed(conv.weight, dt, x1, x2)
         y, mean, m2 = ConvReluFn.apply(
             x1.raw.to(dt), x1.scale, x1.shift, None if x2.raw is None else x2.raw.to(dt),
-            x2.scale, x2.shift, conv.weight, conv.bias, want, packed, folded)
+            x2.scale, x2.shift, conv.weight, conv.bias, want, packed, folded, pad)
         return Pending(y, *self._bn_affine(y, mean, m2, bn))
 
     @_opaque_to_compile
@@ -198,7 +204,7 @@ class FusedOps:
         return Pending(pooled, scale, p.shift)
 
     def _down_recomputed(self, x: Pending, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Pending:
-        _check_conv(conv)
+        pad = _check_conv(conv)
         dt = self._dtype(x.raw)
         gamma, beta = bn.weight, bn.bias
         sgn = torch.ones(conv.out_channels, device=x.raw.device) if gamma is None else \
@@ -207,7 +213,7 @@ class FusedOps:
         pooled, scale, shift = DownFn.apply(
             x.raw.to(dt), x.scale, x.shift, conv.weight, conv.bias, gamma, beta, sgn.to(dt), bn.eps,
             bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, update,
-            self._packed(conv.weight, dt, x))
+            self._packed(conv.weight, dt, x), pad)
         return Pending(pooled, scale, shift)
 
     @_opaque_to_compile
@@ -215,17 +221,19 @@ class FusedOps:
         """UP: transposed conv (3, s2, p1, op1) -> ReLU -> BN: (B, C, H, W) -> (B, C_out, 2H, 2W).
 
         The transposed conv is PyTorch's (cuDNN) on the materialised input; the statistics come
-        from the bn_stats kernel and BN stays pending."""
+        from the bn_stats kernel and BN stays pending. An `_EdgeUp` (padded models: `edge_mode`)
+        reads its bottom / right edge padded by that mode, as the reference does."""
         dt = self._dtype(x.raw)
         if tuple(conv.dilation) != (1, 1) or conv.groups != 1:
             raise ValueError(f"FusedOps.up takes an nn.ConvTranspose2d without dilation or groups; got {conv!r}.")
+        edge = getattr(conv, "edge_mode", None)
         if self._caching():  # inference: the cast weights are kept between calls
             v = self.dense(x).to(dt)
-            y = torch.relu_(F.conv_transpose2d(v, self._cast(conv.weight, dt), self._cast(conv.bias, dt),
-                                               conv.stride, conv.padding, conv.output_padding))
+            y = torch.relu_(up_conv(v, self._cast(conv.weight, dt), self._cast(conv.bias, dt),
+                                    conv.stride, conv.padding, conv.output_padding, edge))
         else:
             y = UpFn.apply(x.raw.to(dt), x.scale, x.shift, conv.weight, conv.bias, dt,
-                            tuple(conv.stride), tuple(conv.padding), tuple(conv.output_padding))
+                           tuple(conv.stride), tuple(conv.padding), tuple(conv.output_padding), edge)
         return Pending(y, *self._bn_affine(y, None, None, bn))
 
     def dense(self, x: Pending) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from bionet_fast.kernels.bn_stats import bn_affine_backward, bn_finalize
 from bionet_fast.kernels.conv_fwd import conv3x3_fwd
+from bionet_fast.kernels.padding import padded
 
 # ConvReluFn.backward: bionet_fast.kernels.conv_bwd (default) or torch math (BIONET_FAST_TRITON_BWD=0).
 _TRITON_BWD = os.environ.get("BIONET_FAST_TRITON_BWD", "1") != "0"
@@ -74,9 +75,9 @@ def pending_input_grads(dv: torch.Tensor, raw: torch.Tensor, scale: Optional[tor
     return draw, dscale, dshift
 
 
-def _conv_relu_backward_torch(gy, y, weight, x1, x2, s1, b1, s2, b2, needs):
+def _conv_relu_backward_torch(gy, y, weight, x1, x2, s1, b1, s2, b2, needs, pad="zeros"):
     """Torch reference of the fused backward; same outputs as kernels.conv_bwd (dweight, dbias in
-    weight's dtype here). A = pad0(cat(affine(x1), affine(x2))) is recomputed, never saved."""
+    weight's dtype here). A = pad(cat(affine(x1), affine(x2))) is recomputed, never saved."""
     dz = gy * (y > 0)
     c1 = x1.shape[1]
     a = _affine(x1, s1, b1)
@@ -85,12 +86,18 @@ def _conv_relu_backward_torch(gy, y, weight, x1, x2, s1, b1, s2, b2, needs):
     w = weight.to(dz.dtype)
     dx1 = ds1 = db1 = dx2 = ds2 = db2 = dweight = dbias = None
     if any(needs[:6]):
-        da = torch.nn.grad.conv2d_input(a.shape, w, dz, padding=1)
+        if pad == "zeros":
+            da = torch.nn.grad.conv2d_input(a.shape, w, dz, padding=1)
+        else:  # conv(pad(A)) is linear in A: autograd at A = 0 gives the adjoint of the padding too
+            with torch.enable_grad():
+                a0 = torch.zeros_like(a, requires_grad=True)
+                (da,) = torch.autograd.grad(F.conv2d(padded(a0, pad), w), a0, dz)
         dx1, ds1, db1 = pending_input_grads(da[:, :c1], x1, s1)
         if x2 is not None:
             dx2, ds2, db2 = pending_input_grads(da[:, c1:], x2, s2)
     if needs[6]:
-        dweight = torch.nn.grad.conv2d_weight(a, weight.shape, dz, padding=1).to(weight.dtype)
+        ap, p = (a, 1) if pad == "zeros" else (padded(a, pad), 0)
+        dweight = torch.nn.grad.conv2d_weight(ap, weight.shape, dz, padding=p).to(weight.dtype)
     if needs[7]:
         dbias = dz.sum((0, 2, 3), dtype=torch.float64 if dz.dtype == torch.float64 else torch.float32)
     return dx1, ds1, db1, dx2, ds2, db2, dweight, dbias
@@ -100,17 +107,18 @@ class ConvReluFn(torch.autograd.Function):
     """y = relu(conv3x3(cat(pad0(x1*s1+b1), pad0(x2*s2+b2))) + bias), plus BN statistics of y.
 
     forward(x1 (B,C1,H,W), s1, b1 (C1,)|None, x2 (B,C2,H,W)|None, s2, b2 (C2,)|None,
-            weight (Cout,C1+C2,3,3), bias (Cout,)|None, want_stats, packed_weight|None)
+            weight (Cout,C1+C2,3,3), bias (Cout,)|None, want_stats, packed_weight|None, folded|None,
+            pad ("zeros", "reflect", "replicate": how conv3x3 pads, after the affines))
         -> y (B,Cout,H,W) channels_last, mean (Cout,)|None, m2 (Cout,)|None (non-differentiable).
     """
 
     @staticmethod
     def forward(ctx, x1, s1, b1, x2, s2, b2, weight, bias, want_stats=True, packed_weight=None,
-                folded=None):
+                folded=None, pad="zeros"):
         y, mean, m2 = conv3x3_fwd(x1, weight, bias, x2, s1, b1, s2, b2, want_stats=want_stats,
-                                  packed_weight=packed_weight, folded=folded)
+                                  packed_weight=packed_weight, folded=folded, pad=pad)
         ctx.save_for_backward(x1, s1, b1, x2, s2, b2, weight, y)
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.bias_dtype, ctx.pad = (None if bias is None else bias.dtype), pad
         if mean is not None:
             ctx.mark_non_differentiable(mean, m2)
         ctx.set_materialize_grads(False)
@@ -120,27 +128,27 @@ class ConvReluFn(torch.autograd.Function):
     def backward(ctx, gy, _gmean, _gm2):
         x1, s1, b1, x2, s2, b2, weight, y = ctx.saved_tensors
         if gy is None:  # grads are not materialised (no zero tensors for mean and m2 either)
-            return (None,) * 11
+            return (None,) * 12
         grads = conv_relu_backward(gy, y, weight, x1, x2, s1, b1, s2, b2, ctx.needs_input_grad[:8],
-                                   ctx.bias_dtype)
-        return (*grads, None, None, None)
+                                   ctx.bias_dtype, ctx.pad)
+        return (*grads, None, None, None, None)
 
 
-def conv_relu_backward(gy, y, weight, x1, x2, s1, b1, s2, b2, needs, bias_dtype):
+def conv_relu_backward(gy, y, weight, x1, x2, s1, b1, s2, b2, needs, bias_dtype, pad="zeros"):
     """Gradients of ConvReluFn's inputs (x1, s1, b1, x2, s2, b2, weight, bias) given dL/dy (B,Co,H,W)
     and y: Triton dgrad/wgrad kernels, or torch math with BIONET_FAST_TRITON_BWD=0. `needs`: which
-    of the eight are wanted (the others come back None)."""
+    of the eight are wanted (the others come back None). pad: the forward's padding mode."""
     if _TRITON_BWD:
         from bionet_fast.kernels.conv_bwd import conv3x3_dgrad, conv3x3_wgrad
 
         dx1 = dx2 = ds1 = db1 = ds2 = db2 = dweight = dbias = None
         if any(needs[:6]):
-            dx1, dx2, ds1, db1, ds2, db2 = conv3x3_dgrad(gy, y, weight, x1.shape[1], x1, x2, s1, s2)
+            dx1, dx2, ds1, db1, ds2, db2 = conv3x3_dgrad(gy, y, weight, x1.shape[1], x1, x2, s1, s2, pad=pad)
         if needs[6] or needs[7]:
-            dweight, dbias = conv3x3_wgrad(gy, y, x1, x2, s1, b1, s2, b2)
+            dweight, dbias = conv3x3_wgrad(gy, y, x1, x2, s1, b1, s2, b2, pad=pad)
     else:
         dx1, ds1, db1, dx2, ds2, db2, dweight, dbias = _conv_relu_backward_torch(
-            gy, y, weight, x1, x2, s1, b1, s2, b2, needs)
+            gy, y, weight, x1, x2, s1, b1, s2, b2, needs, pad)
     dweight = None if dweight is None or not needs[6] else dweight.to(weight.dtype)
     dbias = None if dbias is None or not needs[7] else dbias.to(bias_dtype)
     grads = [dx1, ds1, db1, dx2, ds2, db2]
@@ -211,11 +219,31 @@ def signed_pool_backward(y, sgn, g) -> torch.Tensor:
     return dy
 
 
+def up_conv(v, weight, bias, stride, padding, output_padding, edge=None):
+    """UP's transposed conv of v (B,C,H,W) -> (B,Co,sH,sW), before the ReLU. edge: None (the official
+    deconv) or a torch pad mode ("reflect", "replicate"): the input is padded by one row / column at
+    the bottom / right with it and the output cropped, as models.bionet._EdgeUp does."""
+    if edge is None:
+        return F.conv_transpose2d(v, weight, bias, stride, padding, output_padding)
+    h, w = v.shape[-2:]
+    z = F.conv_transpose2d(F.pad(v, (0, 1, 0, 1), mode=edge), weight, bias, stride, padding, output_padding)
+    return z[..., :stride[0] * h, :stride[1] * w]
+
+
+def _edge_adjoint(dv, shape, edge):
+    """dL/dv of F.pad(v, (0, 1, 0, 1), mode=edge) given dL/d(padded) dv: the extra row / column
+    added back where it was read from."""
+    with torch.enable_grad():
+        v0 = torch.zeros(shape, dtype=dv.dtype, device=dv.device, requires_grad=True)
+        (g,) = torch.autograd.grad(F.pad(v0, (0, 1, 0, 1), mode=edge), v0, dv)
+    return g
+
+
 class UpFn(torch.autograd.Function):
     """UP's transposed conv + ReLU on a pending input: relu(conv_transpose2d(raw*s + b, W, bias)).
 
     forward(raw (B,C,H,W), scale, shift (C,)|None, weight (C,Co,3,3), bias (Co,)|None, dtype,
-            stride, padding, output_padding) -> y (B,Co,2H,2W) in dtype.
+            stride, padding, output_padding, edge=None) -> y (B,Co,2H,2W) in dtype (edge: see up_conv).
     Saves raw (another block's output, alive anyway), y and the parameters: not the materialised
     input, which autograd would keep for the weight gradient (a whole activation per UP per
     iteration), nor a per-iteration cast copy of the weight. The backward recomputes the input
@@ -223,31 +251,38 @@ class UpFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, raw, scale, shift, weight, bias, dtype, stride, padding, output_padding):
+    def forward(ctx, raw, scale, shift, weight, bias, dtype, stride, padding, output_padding, edge=None):
         v = Pending(raw, scale, shift).value().to(dtype)
         w = weight.to(dtype)
-        z = F.conv_transpose2d(v, w, None if bias is None else bias.to(dtype), stride, padding, output_padding)
-        y = torch.relu_(z)
+        y = torch.relu(up_conv(v, w, None if bias is None else bias.to(dtype), stride, padding, output_padding,
+                               edge))
         ctx.save_for_backward(raw, scale, shift, weight, y)
-        ctx.conf = (dtype, stride, padding, output_padding, bias is not None)
+        ctx.conf = (dtype, stride, padding, output_padding, bias is not None, edge)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         raw, scale, shift, weight, y = ctx.saved_tensors
-        dtype, stride, padding, output_padding, has_bias = ctx.conf
+        dtype, stride, padding, output_padding, has_bias, edge = ctx.conf
         need_raw, need_s, need_b, need_w, need_bias = ctx.needs_input_grad[:5]
         dz = (gy * (y > 0)).to(dtype)
         v = Pending(raw, scale, shift).value().to(dtype)
+        if edge is not None:  # the padded input; the cropped output rows / columns get no gradient
+            v = F.pad(v, (0, 1, 0, 1), mode=edge)
+            full = [(v.shape[i] - 1) * stride[i - 2] - 2 * padding[i - 2] + 3 + output_padding[i - 2]
+                    for i in (2, 3)]
+            dz = F.pad(dz, (0, full[1] - dz.shape[3], 0, full[0] - dz.shape[2]))
         dv, dw, dbias = torch.ops.aten.convolution_backward(
             dz, v, weight.to(dtype), [weight.shape[1]] if has_bias else None, list(stride), list(padding),
             [1, 1], True, list(output_padding), 1, [need_raw or need_s or need_b, need_w, need_bias and has_bias])
         draw = dscale = dshift = None
+        if dv is not None and edge is not None:
+            dv = _edge_adjoint(dv, raw.shape, edge)
         if dv is not None:
             draw, dscale, dshift = pending_input_grads(dv, raw, scale, (need_raw, need_s, need_b))
         dw = None if dw is None else dw.to(weight.dtype)
         dbias = None if dbias is None or not need_bias else dbias.to(weight.dtype)
-        return draw, dscale, dshift, dw, dbias, None, None, None, None
+        return draw, dscale, dshift, dw, dbias, None, None, None, None, None
 
 
 class DownFn(torch.autograd.Function):
@@ -256,7 +291,7 @@ class DownFn(torch.autograd.Function):
 
     forward(x (B,C,H,W), s, b (C,)|None, weight (Co,C,3,3), bias (Co,)|None, gamma, beta (Co,)|None,
             sgn (Co,) = sign of gamma, eps, running_mean, running_var, num_batches_tracked,
-            momentum, update, packed)
+            momentum, update, packed, pad)
         -> pooled (B,Co,H/2,W/2) (raw, before the pending BatchNorm), scale (Co,), shift (Co,).
     DOWN's y is the largest tensor of its level (twice the channels at the level's resolution);
     keeping only x (another block's output, alive anyway) and the pooled result cuts what an
@@ -265,27 +300,27 @@ class DownFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, s, b, weight, bias, gamma, beta, sgn, eps, running_mean, running_var, nbt,
-                momentum, update, packed=None):
-        y, mean, m2 = conv3x3_fwd(x, weight, bias, None, s, b, want_stats=True, packed_weight=packed)
+                momentum, update, packed=None, pad="zeros"):
+        y, mean, m2 = conv3x3_fwd(x, weight, bias, None, s, b, want_stats=True, packed_weight=packed, pad=pad)
         count = y.numel() // y.shape[1]
         scale, shift, mean, invstd = bn_finalize(mean, m2, count, gamma, beta, running_mean, running_var,
                                                  nbt, momentum, eps, update)
         pooled = F.max_pool2d(y * sgn.view(1, -1, 1, 1), 2) * sgn.view(1, -1, 1, 1)
         ctx.save_for_backward(x, s, b, weight, bias, gamma, sgn, mean, invstd)
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.bias_dtype, ctx.pad = (None if bias is None else bias.dtype), pad
         ctx.set_materialize_grads(False)
         return pooled, scale, shift
 
     @staticmethod
     def backward(ctx, g_pooled, g_scale, g_shift):
         x, s, b, weight, bias, gamma, sgn, mean, invstd = ctx.saved_tensors
-        y, _, _ = conv3x3_fwd(x, weight, bias, None, s, b, want_stats=False)  # bitwise the forward's y
+        y, _, _ = conv3x3_fwd(x, weight, bias, None, s, b, want_stats=False, pad=ctx.pad)  # bitwise the forward's y
         gy, g_gamma, g_beta = affine_backward(y, mean, invstd, gamma, g_scale, g_shift)
         if g_pooled is not None:
             gy = gy + signed_pool_backward(y, sgn, g_pooled * sgn.view(1, -1, 1, 1))
         needs = ctx.needs_input_grad
         grads = conv_relu_backward(gy, y, weight, x, None, s, b, None, None,
-                                   (*needs[:3], False, False, False, *needs[3:5]), ctx.bias_dtype)
+                                   (*needs[:3], False, False, False, *needs[3:5]), ctx.bias_dtype, ctx.pad)
         dx, ds, db, _, _, _, dweight, dbias = grads
         return (dx, ds, db, dweight, dbias, g_gamma if needs[5] else None, g_beta if needs[6] else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)

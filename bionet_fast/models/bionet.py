@@ -32,7 +32,8 @@ def _conv(cin: int, cout: int, k: int = 3, padding_mode: str = "zeros") -> nn.Co
 class _EdgeUp(nn.ConvTranspose2d):
     """The UP deconv (3, stride 2, padding 1, output_padding 1) whose last output row/column, which
     zero padding computes from a missing input row/column, reads the edge padded by `mode` instead.
-    Same parameters and state_dict keys as nn.ConvTranspose2d; reference backend only."""
+    Same parameters and state_dict keys as nn.ConvTranspose2d; the fused backend's UP reads
+    `edge_mode` and does the same (blocks/fused_autograd.up_conv)."""
 
     def __init__(self, c: int, mode: str):
         super().__init__(c, c, 3, stride=2, padding=1, output_padding=0)
@@ -143,11 +144,8 @@ class BiONet(RecurrentModel):
         choice = os.environ.get("BIONET_FAST_BACKEND", "").strip().lower() or self.config.backend
         if choice not in ("auto", "reference", "triton"):
             raise ValueError(f"BIONET_FAST_BACKEND={choice!r}; use auto, reference or triton")
-        if choice == "triton" and self.config.padding_mode != "zeros":
-            raise ValueError(f"the triton backend pads with zeros; this model has padding_mode="
-                             f"{self.config.padding_mode!r}: use backend='reference' (or 'auto')")
         if choice == "auto":
-            if device.type != "cuda" or not _triton_available() or self.config.padding_mode != "zeros":
+            if device.type != "cuda" or not _triton_available():
                 return "reference"
             choice = "triton" if x is None else choose_backend(self, x)
         return choice
@@ -172,6 +170,18 @@ class BiONet(RecurrentModel):
     def _size_rule(self) -> str:
         m = self.config.size_multiple
         return f"not divisible by 2**(depth+1) = {m} (depth={self.config.depth})"
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """RecurrentModel's checks, and for reflect padding deepest maps of at least 2x2: torch's
+        reflect pad (and the fused kernels) refuse to mirror a 1-pixel side, so an input side of
+        2**(depth+1) would fail deep inside the forward."""
+        super().check_input(x)
+        m = self.config.size_multiple
+        if self.config.padding_mode == "reflect" and min(x.shape[2:]) < 2 * m:
+            raise ValueError(f"input {tuple(x.shape[2:])} is too small for padding_mode='reflect': the deepest "
+                             f"map would be 1 pixel wide (side / 2**(depth+1) = side / {m}), and a 1-pixel "
+                             f"side has no reflection. Use sides of at least {2 * m} (pad the image, or use "
+                             "bionet_fast.sliding_window_inference), or padding_mode='replicate'.")
 
     # --- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -196,11 +196,24 @@ def test_eval_and_inference_cache_reflect():
         assert rel(fused(x), want) <= 1e-9 and rel(fused(x), want) <= 1e-9  # second call: cached
 
 
-def test_reflect_input_with_a_one_pixel_deepest_map_is_refused_before_work():
+def test_reflect_input_with_a_one_pixel_deepest_map_is_refused_by_check_input_and_padded_by_forward():
+    """check_input (what exporters and the CLIs check) refuses a side whose deepest map would be 1
+    pixel; forward pads such an input up with replicated edges (issue 24: tiny images) and crops the
+    output back, on both backends, equal to doing that by hand."""
+    x = torch.rand(1, 3, 4, 8)
+    outs = []
     for backend in ("reference", "triton"):
-        model = BiONet(iterations=1, multiplier=0.125, depth=1, padding_mode="reflect", backend=backend)
+        torch.manual_seed(0)
+        model = BiONet(iterations=1, multiplier=0.125, depth=1, padding_mode="reflect", backend=backend).eval()
         with pytest.raises(ValueError, match="too small for padding_mode='reflect'"):
-            model(torch.rand(1, 3, 4, 8))
+            model.check_input(x)
+        with torch.no_grad():
+            y = model(x)
+            by_hand = model(F.pad(x, (0, 0, 0, 4), mode="replicate"))[..., :4, :8]
+        assert y.shape == (1, 1, 4, 8)
+        torch.testing.assert_close(y, by_hand)
+        outs.append(y)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
     BiONet(iterations=1, multiplier=0.125, depth=1, padding_mode="replicate").eval()(torch.rand(1, 3, 4, 4))
 
 

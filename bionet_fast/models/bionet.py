@@ -185,8 +185,11 @@ class BiONet(RecurrentModel):
 
     # --- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_channels, H, W) -> logits (B, classes, H, W)."""
-        self.check_input(x)
+        """(B, in_channels, H, W) -> logits (B, classes, H, W). Reflect-padded inputs below
+        config.min_side (whose deepest map would be 1 pixel: no reflection) are padded up with
+        replicated edges and the output cropped back; `check_input` itself refuses them (an
+        exported graph has no such branch)."""
+        super().check_input(x)
         h, w = x.shape[-2:]
         side = self.config.min_side
         if h < side or w < side:  # reflect padding: too small to reflect at the deepest level

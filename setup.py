@@ -22,9 +22,10 @@ ONNX = ["onnx", "onnxscript", "onnxruntime"]
 DOCS = ["mkdocs"]
 # the CPU engine of predict / evaluate (engine.engines); onnx: the faster conversion route
 OPENVINO = ["openvino", "onnx"]
-# bioimage.io packages (export --format bioimageio) and their validator (`bioimageio test`); checked
-# green with bioimageio.spec 0.5.12.0 + pydantic 2.13.4
-BIOIMAGEIO = ["bioimageio.core>=0.11", "bioimageio.spec>=0.5.12", *ONNX]
+# bioimage.io packages (export --format bioimageio) and their validator (`bioimageio test`): green with
+# bioimageio.spec 0.5.12.0 + pydantic 2.13.4; pydantic 2.14 breaks the spec's own serializer
+# (package_file_descr_serializer: "'index_key' is expected to be an integer or a string")
+BIOIMAGEIO = ["bioimageio.core>=0.11", "bioimageio.spec>=0.5.12", "pydantic>=2.11,<2.14", *ONNX]
 # the napari plugin (bionet_fast/napari, npe2 manifest); its tests add pytest-qt and need Xvfb + Mesa
 NAPARI = ["napari[pyqt6]>=0.5", "npe2", *INSTANCES]
 

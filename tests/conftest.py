@@ -33,3 +33,14 @@ try:  # hypothesis: no per-example deadline (the Triton interpreter and a busy C
     settings.load_profile("bionet")
 except ImportError:  # pragma: no cover
     pass
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny saved BiONet folder (predict's tests; a module may define its own `ckpt`)."""
+    from bionet_fast.models import BiONet
+
+    folder = tmp_path_factory.mktemp("ckpt") / "model"
+    torch.manual_seed(0)
+    BiONet(in_channels=3, classes=1, iterations=1, multiplier=0.125, depth=2, backend="reference").save_pretrained(folder)
+    return folder

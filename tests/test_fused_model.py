@@ -146,9 +146,10 @@ def test_fused_with_checkpointing_updates_running_stats_once():
 
 # --- CUDA twins at real sizes ---------------------------------------------------------------------
 @cuda
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-2), (torch.bfloat16, 5e-2)])
-def test_cuda_forward_and_gradients_match_reference(dtype, tol):
-    ref, fused = pair("cuda", iterations=3, multiplier=0.5, depth=4)
+def test_cuda_forward_and_gradients_match_reference(dtype, tol, padding_mode):
+    ref, fused = pair("cuda", iterations=3, multiplier=0.5, depth=4, padding_mode=padding_mode)
     x = torch.randn(2, 3, 256, 256, device="cuda").to(memory_format=torch.channels_last)
     y = (torch.rand(2, 1, 256, 256, device="cuda") > 0.5).float()
     outs = []

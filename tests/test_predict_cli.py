@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 from PIL import Image
 
 import bionet_fast.predict as predict_mod
@@ -21,12 +20,6 @@ from bionet_fast.predict import main as predict, output_names
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt") / "model"
-    torch.manual_seed(0)
-    BiONet(in_channels=3, classes=1, iterations=1, multiplier=0.125, depth=2, backend="reference").save_pretrained(folder)
-    return folder
 
 
 def _img(seed: int, h: int = 40, w: int = 48) -> np.ndarray:

@@ -23,12 +23,6 @@ from bionet_fast.predict import main as predict, output_names
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt") / "model"
-    torch.manual_seed(0)
-    BiONet(in_channels=3, classes=1, iterations=1, multiplier=0.125, depth=2, backend="reference").save_pretrained(folder)
-    return folder
 
 
 def _img(seed: int, h: int, w: int) -> np.ndarray:

@@ -39,9 +39,13 @@ def _extras():
     import ast
 
     tree = ast.parse((REPO / "setup.py").read_text())
-    names = {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
-             if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)
-             and isinstance(n.value, ast.List)}
+    names = {}
+    for n in tree.body:
+        if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and isinstance(n.value, ast.List):
+            try:
+                names[n.targets[0].id] = ast.literal_eval(n.value)
+            except ValueError:  # a list built from others (*ONNX): not one the tests read
+                continue
     return names
 
 
